@@ -59,9 +59,9 @@ def build_tiny_distilbert(folder: Path, corpus: list[str], vocab_words: int = 20
     chars = sorted({c for text in corpus for c in text.lower() if not c.isspace()} | set("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-"))
     words = [w for w, _ in counts.most_common(vocab_words) if w not in chars]
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *(f"##{c}" for c in chars), *words]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n", encoding="utf-8")
-    tokenizer = DistilBertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    # transformers 5 builds the WordPiece model from a vocab dict (a vocab_file argument is ignored)
+    tokenizer = DistilBertTokenizerFast(vocab={token: i for i, token in enumerate(dict.fromkeys(vocab))},
+                                        do_lower_case=True)
     torch.manual_seed(seed)
     config = DistilBertConfig(vocab_size=len(tokenizer), dim=32, n_layers=2, n_heads=2, hidden_dim=64,
                               max_position_embeddings=256, num_labels=2)

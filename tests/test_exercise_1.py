@@ -1,0 +1,73 @@
+"""Exercise 1 end to end: a tiny random DistilBERT (smoke) and the real MiniLM (slow)."""
+import json
+
+import pytest
+
+import exercise_1
+from conftest import write_csv_dataset
+
+
+def run(tmp_path, *overrides):
+    run_dir = exercise_1.main([f"output_dir={tmp_path}", "wandb_mode=disabled", *overrides])
+    return run_dir, json.loads((run_dir / "results.json").read_text())
+
+
+def test_smoke_with_both_loggers_and_cache(tmp_path, tiny_distilbert, rt_dir, capsys):
+    args = (f"model_name={tiny_distilbert}", f"dataset={rt_dir}", "max_train_samples=200",
+            "max_eval_samples=60", "batch_size=16", "run_name=smoke")
+    run_dir, results = run(tmp_path, *args, "wandb_mode=offline", "tensorboard=true")
+    assert results["exercise"] == "exercise_1"
+    assert set(results["metrics"]) == {"svc", "logreg"}
+    for stage in ("svc", "logreg"):
+        assert set(results["metrics"][stage]) == {"validation", "test"}
+        for values in results["metrics"][stage].values():
+            assert 0.0 <= values["accuracy"] <= 1.0 and "f1_macro" in values
+        assert (run_dir / f"confusion_{stage}_test.png").exists()
+    assert results["label_names"] == ["neg", "pos"]
+    assert results["data_sizes"] == {"train": 200, "validation": 60, "test": 60}
+    assert results["model"]["parameters"] > 0 and results["model"]["hidden_size"] == 32
+    assert {"load_data", "load_model", "features", "svc", "logreg", "total"} <= set(results["timing"])
+    assert results["config"]["max_train_samples"] == 200
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((run_dir / "wandb").glob("offline-run-*"))
+    assert "reused cached" not in capsys.readouterr().out
+
+    second_dir, second = run(tmp_path, *args)
+    assert second_dir.name == "smoke-2", "a second run must not mix its files into the first"
+    assert "reused cached features" in capsys.readouterr().out
+    assert second["metrics"] == results["metrics"], "same seed and features -> same metrics"
+
+    _, mean_pooled = run(tmp_path, *args, "pooling=mean", "run_name=mean")
+    assert "reused cached" not in capsys.readouterr().out, "pooling is part of the cache key"
+
+
+def test_unseen_csv_with_four_string_classes(tmp_path, tiny_distilbert):
+    folder = write_csv_dataset(tmp_path / "topics", num_classes=4, per_class=40)
+    run_dir, results = run(tmp_path, f"model_name={tiny_distilbert}", f"dataset={folder}",
+                           "text_column=sentence", "label_column=topic", "tune_C=true", "C_grid=0.1,1,10",
+                           "pooling=mean")
+    assert results["label_names"] == ["music", "politics", "science", "sports"]
+    assert len(results["confusion_matrices"]["svc"]["test"]) == 4
+    assert results["classifiers"]["svc"]["C"] in (0.1, 1.0, 10.0)
+    assert "politics" in results["classification_reports"]["logreg"]
+    # the words carry the class, so even a random encoder's mean-pooled features separate the topics
+    assert results["metrics"]["logreg"]["test"]["accuracy"] > 0.5
+
+
+def test_a_vision_model_is_refused(tmp_path, rt_dir):
+    from transformers import CLIPConfig
+
+    folder = tmp_path / "clip"
+    CLIPConfig().save_pretrained(folder)
+    with pytest.raises(Exception, match="vision.*text encoder"):
+        run(tmp_path, f"model_name={folder}", f"dataset={rt_dir}", "max_train_samples=10", "max_eval_samples=10")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pooling, floor", [("mean", 0.77), ("cls", 0.70)])
+def test_real_minilm_on_full_rotten_tomatoes(tmp_path, minilm_path, rt_dir, pooling, floor):
+    _, results = run(tmp_path, f"model_name={minilm_path}", f"dataset={rt_dir}", f"pooling={pooling}")
+    print(json.dumps({stage: {split: round(v["accuracy"], 4) for split, v in splits.items()}
+                      for stage, splits in results["metrics"].items()}), results["throughput_sentences_per_s"])
+    assert results["metrics"]["svc"]["test"]["accuracy"] >= floor
+    assert results["metrics"]["logreg"]["test"]["accuracy"] >= floor - 0.02
