@@ -104,8 +104,6 @@ def main(argv: list[str] | None = None):
     config = utils.parse_config(CONFIG, argv or [], CHOICES, POSITIVE, "exercise_1.py")
     utils.set_seed(config["seed"])
     timing = {}
-    run_dir = utils.prepare_run_dir(config["output_dir"], config["run_name"], "exercise_1", config["overwrite"])
-    loggers = utils.RunLoggers(run_dir, config, "exercise_1")
     start = time.perf_counter()
 
     # 2. data: train / validation / test with text and integer labels
@@ -115,10 +113,12 @@ def main(argv: list[str] | None = None):
     label_names = data["train"].features["label"].names
     print(f"data: {', '.join(f'{s} {len(d)}' for s, d in data.items())}; classes {label_names}")
 
-    # 3. the frozen encoder
+    # 3. the frozen encoder; the run folder and loggers only once data and model are in hand
     with utils.timed(timing, "load_model"):
         model, tokenizer = load_encoder(config["model_name"], config["trust_remote_code"])
     device = utils.best_device()
+    run_dir = utils.prepare_run_dir(config["output_dir"], config["run_name"], "exercise_1", config["overwrite"])
+    loggers = utils.RunLoggers(run_dir, config, "exercise_1")
 
     # 4. one feature vector per text, cached on disk keyed by everything that changes it
     features, labels, throughput = {}, {}, {}

@@ -3,8 +3,12 @@ import json
 
 import pytest
 
+import subprocess
+import sys
+
 import exercise_1
-from conftest import write_csv_dataset
+import utils
+from conftest import ROOT, write_csv_dataset
 
 
 def run(tmp_path, *overrides):
@@ -59,8 +63,18 @@ def test_a_vision_model_is_refused(tmp_path, rt_dir):
 
     folder = tmp_path / "clip"
     CLIPConfig().save_pretrained(folder)
-    with pytest.raises(Exception, match="vision.*text encoder"):
+    with pytest.raises(utils.LabError, match="vision.*text encoder"):
         run(tmp_path, f"model_name={folder}", f"dataset={rt_dir}", "max_train_samples=10", "max_eval_samples=10")
+
+
+def test_hub_ids_offline_fail_with_the_offline_route(tmp_path, rt_dir):
+    """With no Hub, the defaults stop at once (no 30-60 s of retries) and say what to do instead."""
+    for args, name in (([], "cornell-movie-review-data/rotten_tomatoes"), ([f"dataset={rt_dir}"], "distilbert-base-uncased")):
+        result = subprocess.run([sys.executable, "exercise_1.py", f"output_dir={tmp_path}", *args], cwd=ROOT,
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2
+        assert f"'{name}'" in result.stderr and "unreachable" in result.stderr and "README" in result.stderr
+    assert not list(tmp_path.iterdir()), "no run folder for a run that never started"
 
 
 @pytest.mark.slow
