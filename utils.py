@@ -248,6 +248,25 @@ def prepare_run_dir(output_dir: str, run_name: str | None, exercise: str,
 # Hub ids vs local paths, failing fast when offline
 # ---------------------------------------------------------------------------------------------
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                   "tokenizer.model")
+
+
+def load_tokenizer(source: str, trust_remote_code: bool = False):
+    """AutoTokenizer, refusing a local folder without tokenizer files: transformers 5 would
+    otherwise build an empty tokenizer there and turn every word into [UNK] without a word."""
+    from transformers import AutoTokenizer
+
+    path = Path(source)
+    if path.is_dir() and not any((path / name).exists() for name in TOKENIZER_FILES):
+        raise LabError(f"no usable tokenizer in {source}: none of {', '.join(TOKENIZER_FILES)} found; "
+                       f"save one there with tokenizer.save_pretrained(<folder>)")
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as error:
+        raise LabError(f"no usable tokenizer in {source}: {error}") from None
+
+
 def hub_reachable(timeout: float = 5.0) -> bool:
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         return False

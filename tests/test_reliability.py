@@ -1,0 +1,69 @@
+"""A user's first runs meet typos, odd folders and missing keys: each ends in a clear message."""
+import os
+import re
+import stat
+
+import pytest
+
+import exercise_1
+import utils
+from conftest import ROOT
+
+
+def test_model_folder_without_tokenizer(tmp_path, tiny_distilbert, rt_dir):
+    from transformers import AutoModel
+
+    folder = tmp_path / "weights-only"
+    AutoModel.from_pretrained(tiny_distilbert).save_pretrained(folder)
+    with pytest.raises(utils.LabError, match="no usable tokenizer"):
+        exercise_1.main([f"model_name={folder}", f"dataset={rt_dir}", f"output_dir={tmp_path}",
+                         "max_train_samples=10", "max_eval_samples=10", "wandb_mode=disabled"])
+
+
+def test_missing_model_path_is_named(tmp_path):
+    with pytest.raises(utils.LabError, match="does not exist"):
+        utils.resolve_pretrained(str(tmp_path / "no-such-model"))
+
+
+def test_wandb_online_without_a_key_stops_before_anything_runs(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    with pytest.raises(utils.LabError, match="no W&B API key"):
+        utils.configure_wandb_env({"wandb_mode": "online"}, tmp_path, "exercise_1")
+    assert utils.configure_wandb_env({"wandb_mode": "offline"}, tmp_path, "exercise_1") == "offline"
+    assert os.environ["WANDB_DIR"] == str(tmp_path) and os.environ["WANDB_MODE"] == "offline"
+
+
+@pytest.mark.skipif(os.name != "posix", reason="permissions")
+def test_read_only_output_folder(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    try:
+        if os.access(locked, os.W_OK):  # root ignores permission bits; use an impossible path instead
+            locked = tmp_path / "file-not-folder"
+            locked.write_text("x")
+        with pytest.raises(utils.LabError, match="cannot write to output folder"):
+            utils.prepare_run_dir(str(locked), "run", "exercise_1")
+    finally:
+        (tmp_path / "locked").chmod(stat.S_IRWXU)
+
+
+def test_reruns_never_mix(tmp_path):
+    first = utils.prepare_run_dir(str(tmp_path), "same", "exercise_1")
+    (first / "results.json").write_text("{}")
+    second = utils.prepare_run_dir(str(tmp_path), "same", "exercise_1")
+    assert second.name == "same-2"
+    assert utils.prepare_run_dir(str(tmp_path), "same", "exercise_1", resume=True) == first
+    replaced = utils.prepare_run_dir(str(tmp_path), "same", "exercise_1", overwrite=True)
+    assert replaced == first and not (first / "results.json").exists()
+
+
+def test_no_unsafe_deserialisation_in_the_code():
+    """Caches and adapters are safetensors; any torch.load must pass weights_only=True; no pickle."""
+    for path in ROOT.glob("*.py"):
+        source = path.read_text()
+        for call in re.findall(r"torch\.load\([^)]*\)", source):
+            assert "weights_only=True" in call, f"{path.name}: {call}"
+        assert not re.search(r"^\s*import pickle|pickle\.load", source, re.M), path.name
+        assert "trust_remote_code=True" not in source, path.name
