@@ -1,0 +1,221 @@
+"""Grid sweeps: run an exercise once per combination of config values, each run its own process.
+
+    python sweep.py exercise_2.py learning_rate=1e-5,3e-5,5e-5 batch_size=16,32 max_steps=200
+    python sweep.py exercise_1.py svc_C=0.1,1,10 pooling=cls,mean run_name=svc-grid
+    python sweep.py exercise_2.py learning_rate=1e-5,3e-5 --dry-run     # print the commands only
+    python evaluate.py report runs/svc-grid                              # ablation table and plot
+
+A value with commas is a grid axis; a single value goes to every run unchanged. For list-valued keys
+(`C_grid`, `lora.target_modules`) a plain comma list is one value and bracketed lists are the axis:
+`lora.target_modules=[query],[query,value]`. The runs go to `<output_dir>/<run_name>/`, named
+`<run_name>-<key>=<value>-...`; one failed point (bad value, crash, out of memory) does not stop the
+others. `sweep.json` in the sweep folder lists every point with its status, command and log (the report
+reads it), `logs/` holds each run's output, and `wandb_sweep.yaml` is the same grid as a W&B sweep
+config (`wandb sweep wandb_sweep.yaml`, then `wandb agent <id>`).
+"""
+from __future__ import annotations
+
+import ast
+import itertools
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import utils
+
+SWEEP_FILE = "sweep.json"
+RESERVED_KEYS = ("output_dir", "run_name")  # the sweep sets these for every point
+
+
+def split_values(text: str) -> list[str]:
+    """Split on commas outside brackets: "1e-5,3e-5" -> 2 values, "[q,v],[q]" -> 2 values."""
+    values, depth, current = [], 0, ""
+    for char in text:
+        depth += (char == "[") - (char == "]")
+        if char == "," and depth == 0:
+            values.append(current.strip())
+            current = ""
+        else:
+            current += char
+    values.append(current.strip())
+    return [value for value in values if value]
+
+
+def script_defaults(script: str) -> dict:
+    """The flattened CONFIG dict literal of an exercise script, read without importing it ({} if none)."""
+    try:
+        tree = ast.parse(Path(script).read_text())
+    except (OSError, SyntaxError):
+        return {}
+    for node in tree.body:
+        targets = [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
+        if "CONFIG" in targets:
+            try:
+                return utils._flatten(ast.literal_eval(node.value))
+            except ValueError:
+                return {}
+    return {}
+
+
+def parse_grid(arguments: list[str], defaults: dict) -> tuple[dict, dict]:
+    """key=value arguments -> (axes {key: [values]} in argument order, fixed {key: value})."""
+    axes, fixed = {}, {}
+    for argument in arguments:
+        key, sep, text = argument.partition("=")
+        if not sep or not key:
+            raise utils.LabError(f"argument {argument!r} is not key=value (e.g. learning_rate=1e-5,3e-5)")
+        is_list_key = isinstance(defaults.get(key), list)
+        values = split_values(text) if not is_list_key or text.strip().startswith("[") else [text]
+        if len(values) > 1 and key in RESERVED_KEYS:
+            raise utils.LabError(f"{key} cannot be swept: every point of a sweep goes to <output_dir>/<run_name>/")
+        if len(values) > 1:
+            if len(set(values)) < len(values):
+                raise utils.LabError(f"{key} lists a value twice: {values}")
+            axes[key] = values
+        else:
+            fixed[key] = values[0] if values else text
+    return axes, fixed
+
+
+def expand_grid(axes: dict) -> list[dict]:
+    """Every combination, the last key varying fastest: [{key: value, ...}, ...]."""
+    return [dict(zip(axes, combination)) for combination in itertools.product(*axes.values())]
+
+
+def slug(value: str) -> str:
+    """A value as it appears in a run folder name: path basenames, lists joined with '+'."""
+    value = value.strip().strip("[]")
+    if "/" in value:
+        value = Path(value.rstrip("/")).name
+    value = value.replace(",", "+").replace(" ", "")
+    return re.sub(r"[^A-Za-z0-9._+=-]", "_", value) or "none"
+
+
+def point_names(base: str, points: list[dict]) -> list[str]:
+    """`<base>-key=value-key=value` per point; duplicates after slugging get -2, -3 ..."""
+    names, seen = [], {}
+    for point in points:
+        name = "-".join([base, *(f"{key}={slug(value)}" for key, value in point.items())])
+        seen[name] = seen.get(name, 0) + 1
+        names.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
+    return names
+
+
+def wandb_sweep_config(script: str, axes: dict, fixed: dict, metric: str) -> str:
+    """The grid as a W&B sweep config (YAML); `${args_no_hyphens}` passes key=value as our scripts expect."""
+    lines = [f"program: {Path(script).name}", "method: grid", "metric:", f"  name: {metric}", "  goal: maximize",
+             "parameters:"]
+    for key, values in axes.items():
+        lines.append(f"  {key}:\n    values: [{', '.join(_yaml_scalar(v) for v in values)}]")
+    for key, value in fixed.items():
+        if key not in RESERVED_KEYS:
+            lines.append(f"  {key}:\n    value: {_yaml_scalar(value)}")
+    lines += ["command:", "  - ${env}", "  - ${interpreter}", "  - ${program}", "  - ${args_no_hyphens}"]
+    return "\n".join(lines) + "\n"
+
+
+def _yaml_scalar(text: str) -> str:
+    for cast in (int, float):
+        try:
+            cast(text)
+            return text if cast is int or "." in text else json.dumps(text)  # YAML 1.1 reads 1e-5 as a string
+        except ValueError:
+            pass
+    return json.dumps(text)
+
+
+def failure_reason(log: Path) -> str:
+    """The line of a failed run's output that says why: its `error:` line or the exception, else the last line."""
+    text = log.read_text(errors="replace") if log.exists() else ""
+    lines = [line.split("\r")[-1].strip() for line in text.split("\n\n", 1)[-1].splitlines()]  # after the command
+    lines = [line for line in lines if line]
+    for line in reversed(lines):
+        if line.startswith("error:") or re.match(r"^[A-Za-z_.]*(Error|Exception|Interrupt)\b", line):
+            return line
+    return lines[-1] if lines else "no output"
+
+
+def run_sweep(script: str, arguments: list[str], dry_run: bool = False, metric: str = "eval/accuracy",
+              python: str = sys.executable) -> dict:
+    """Run every grid point of `script` as a subprocess; return (and write) the sweep summary."""
+    if not Path(script).is_file():
+        raise utils.LabError(f"script {script!r} not found")
+    defaults = script_defaults(script)
+    axes, fixed = parse_grid(arguments, defaults)
+    if not axes:
+        raise utils.LabError("nothing to sweep: give at least one key with several comma-separated values, "
+                             "e.g. learning_rate=1e-5,3e-5")
+    points = expand_grid(axes)
+    output_dir = fixed.pop("output_dir", defaults.get("output_dir", "runs"))
+    base = fixed.pop("run_name", None) or f"{Path(script).stem}-sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+    if dry_run:
+        sweep_dir = Path(output_dir) / base
+    else:
+        sweep_dir = utils.prepare_run_dir(output_dir, base, "sweep")
+        (sweep_dir / "wandb_sweep.yaml").write_text(wandb_sweep_config(script, axes, fixed, metric))
+    names = point_names(sweep_dir.name, points)
+    summary = {"script": script, "sweep_dir": str(sweep_dir), "axes": axes, "fixed": fixed,
+               "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "points": []}
+    for index, (point, name) in enumerate(zip(points, names), 1):
+        command = [python, script, *(f"{k}={v}" for k, v in {**fixed, **point}.items()),
+                   f"output_dir={sweep_dir}", f"run_name={name}"]
+        if dry_run:
+            print(" ".join(command))
+            continue
+        record = run_point(command, sweep_dir, name)
+        summary["points"].append({"name": name, "overrides": point, **record})
+        (sweep_dir / SWEEP_FILE).write_text(json.dumps(summary, indent=2))  # after each point: a crash keeps the rest
+        outcome = "ok" if record["status"] == "ok" else f"FAILED (exit {record['returncode']}): {record['error']}"
+        print(f"[{index}/{len(points)}] {name}: {outcome} ({record['seconds']:.0f} s)", flush=True)
+    if not dry_run:
+        print(summary_text(summary))
+    return summary
+
+
+def run_point(command: list[str], sweep_dir: Path, name: str) -> dict:
+    log = sweep_dir / "logs" / f"{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(log, "w") as handle:
+        handle.write(" ".join(command) + "\n\n")
+        handle.flush()
+        returncode = subprocess.call(command, stdout=handle, stderr=subprocess.STDOUT)
+    results = sweep_dir / name / "results.json"
+    status = "ok" if returncode == 0 and results.exists() else "failed"
+    error = None
+    if status == "failed":
+        error = failure_reason(log) if returncode != 0 else "exited 0 but wrote no results.json"
+    return {"status": status, "returncode": returncode, "seconds": round(time.perf_counter() - start, 1),
+            "run_dir": str(sweep_dir / name), "log": str(log), "command": command, "error": error}
+
+
+def summary_text(summary: dict) -> str:
+    failed = [point for point in summary["points"] if point["status"] != "ok"]
+    lines = [f"sweep {summary['sweep_dir']}: {len(summary['points']) - len(failed)} of "
+             f"{len(summary['points'])} runs ok, {len(failed)} failed"]
+    lines += [f"  failed: {point['name']} (exit {point['returncode']}; log {point['log']}): {point['error']}"
+              for point in failed]
+    lines.append(f"report: python evaluate.py report {summary['sweep_dir']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    flags = {arg for arg in argv if arg.startswith("--")}
+    positional = [arg for arg in argv if not arg.startswith("--")]
+    if "--help" in flags or "-h" in argv or not positional:
+        print(__doc__)
+        return 0
+    metric = next((flag.split("=", 1)[1] for flag in flags if flag.startswith("--metric=")), "eval/accuracy")
+    summary = run_sweep(positional[0], positional[1:], dry_run="--dry-run" in flags, metric=metric)
+    return 1 if any(point["status"] != "ok" for point in summary["points"]) else 0
+
+
+if __name__ == "__main__":
+    try:
+        raise SystemExit(main(sys.argv[1:]))
+    except utils.LabError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2)
