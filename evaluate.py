@@ -160,6 +160,40 @@ def _format(value) -> str:
     return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+def plot_training_curves(log_history: list[dict], path: Path | None = None,
+                         metrics=("accuracy", "f1_macro", "top5_accuracy")):
+    """Loss (train and validation, left) and validation `metrics` (right) against the optimizer step,
+    from a Trainer's `state.log_history`; saved to `path` if given."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def series(key):
+        points = [(entry["step"], entry[key]) for entry in log_history if key in entry and "step" in entry]
+        return [p[0] for p in points], [p[1] for p in points]
+
+    figure, (loss_axis, metric_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, label, style in (("loss", "train loss", "-"), ("eval_loss", "validation loss", "o-")):
+        steps, values = series(key)
+        if steps:
+            loss_axis.plot(steps, values, style, label=label)
+    for name in metrics:
+        steps, values = series(f"eval_{name}")
+        if steps:
+            metric_axis.plot(steps, values, "o-", label=f"validation {name}")
+    for axis, title in ((loss_axis, "loss"), (metric_axis, "validation metrics")):
+        axis.set_xlabel("optimizer step")
+        axis.set_title(title)
+        axis.grid(alpha=0.3)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend()
+    figure.tight_layout()
+    if path is not None:
+        figure.savefig(path, dpi=110)
+    return figure
+
+
 if __name__ == "__main__":
     # `python evaluate.py report <runs folder>`: the results report lives in report.py
     import sys

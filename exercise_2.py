@@ -1,0 +1,479 @@
+"""Exercise 2: what does fine-tuning the whole transformer buy over frozen features?
+
+Exercise 1 froze the encoder; here every weight learns (or, with `lora.enabled=True`, only small
+LoRA adapters and the classification head). The Hugging Face Trainer does the training; the model
+is scored before training (`pretrained`: the encoder with its fresh, random head) and after
+(`fine_tuned`: the checkpoint best on validation), each on validation and test.
+
+    python exercise_2.py                                          # Hub defaults (needs the Hub)
+    python exercise_2.py model_name=<folder> dataset=<folder>     # offline
+    python exercise_2.py ... run_name=rt resume=True              # continue rt from its newest checkpoint
+    python exercise_2.py ... lora.enabled=True lora.r=8           # LoRA on query and value
+    torchrun --nproc_per_node=2 exercise_2.py ...                 # data parallel (DDP), one results.json
+    python exercise_2.py --help                                   # every key with its default
+
+Ctrl-C or SIGTERM during training saves a checkpoint and exits; `resume=True` then continues to
+the same result an uninterrupted run reaches. A NaN or infinite loss stops training and keeps the
+checkpoints saved before it.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+import LoRA
+import evaluate
+import utils
+
+CONFIG = {
+    # what to run on: a Hub id or a local folder for each
+    "model_name": "distilbert-base-uncased",
+    "dataset": "cornell-movie-review-data/rotten_tomatoes",
+    "text_column": "text",
+    "label_column": "label",
+    "max_train_samples": None,       # None = all; subsamples are stratified and seeded
+    "max_eval_samples": None,
+    "max_length": 128,               # tokens; longer texts are truncated, each batch padded to its longest
+    # optimisation; batch sizes are per process: the global batch is
+    # batch_size x processes x gradient_accumulation_steps
+    "learning_rate": 2e-5,
+    "num_train_epochs": 3.0,
+    "max_steps": None,               # None = num_train_epochs decides; else this many optimizer steps
+    "batch_size": 16,
+    "eval_batch_size": 64,
+    "gradient_accumulation_steps": 1,
+    "weight_decay": 0.01,
+    "warmup": 0.1,                   # < 1: fraction of all steps; >= 1: number of steps
+    "lr_scheduler_type": "linear",
+    "max_grad_norm": 1.0,
+    "group_by_length": True,         # batches of similar length: less padding; order still random per epoch
+    "mixed_precision": "auto",       # auto: bf16 (or fp16) on CUDA, fp32 on CPU
+    # evaluation and checkpoints
+    "eval_strategy": "epoch",        # "epoch" | "steps" (every eval_steps); a checkpoint at every evaluation
+    "eval_steps": 200,
+    "logging_steps": 50,
+    "metric_for_best_model": "loss", # validation metric that picks the checkpoint to test
+    "save_total_limit": 2,           # checkpoints kept; the best one always is
+    "evaluate_pretrained": True,     # score the untrained model as the `pretrained` stage
+    "resume": False,                 # continue run_name from its newest checkpoint
+    # LoRA: train low-rank adapters on the attention projections plus the classification head
+    "lora": {
+        "enabled": False,
+        "r": 8,
+        "alpha": 16,
+        "dropout": 0.1,
+        "target_modules": ["query", "value"],  # roles query/key/value/output, or the model's module names
+        "use_rslora": False,         # rank-stabilised scale alpha/sqrt(r) instead of alpha/r
+        "learning_rate": 5e-4,       # replaces learning_rate: adapters start at zero and need larger steps
+    },
+    # run bookkeeping and logging (report_to follows tensorboard and wandb_mode)
+    "output_dir": "runs",
+    "run_name": None,                # None = exercise_2-<time>; needed with resume=True
+    "overwrite": False,              # replace an existing run folder of the same name
+    "seed": 42,
+    "wandb_mode": "offline",         # "offline" | "online" | "disabled"
+    "wandb_project": "transformer-labs",
+    "tensorboard": True,
+    "trust_remote_code": False,
+}
+METRICS = ("loss", "accuracy", "precision_macro", "recall_macro", "f1_macro",
+           "precision_weighted", "recall_weighted", "f1_weighted")
+CHOICES = {"eval_strategy": ("epoch", "steps"), "metric_for_best_model": METRICS,
+           "mixed_precision": ("auto", "no", "bf16", "fp16"),
+           "lr_scheduler_type": ("linear", "cosine", "constant", "constant_with_warmup"),
+           "wandb_mode": ("offline", "online", "disabled")}
+POSITIVE = ("max_train_samples", "max_eval_samples", "max_length", "learning_rate", "num_train_epochs",
+            "max_steps", "batch_size", "eval_batch_size", "gradient_accumulation_steps", "eval_steps",
+            "logging_steps", "save_total_limit", "lora.r", "lora.alpha", "lora.learning_rate")
+
+
+def check_config(config: dict) -> None:
+    """The checks parse_config's `positive` cannot express."""
+    for key in ("weight_decay", "warmup", "max_grad_norm"):
+        if config[key] < 0:
+            raise utils.LabError(f"{key!r} must be >= 0, got {config[key]!r}")
+    if not 0 <= config["lora"]["dropout"] < 1:
+        raise utils.LabError(f"'lora.dropout' must be in [0, 1), got {config['lora']['dropout']!r}")
+    if config["resume"] and not config["run_name"]:
+        raise utils.LabError("resume=True needs run_name=<the run to continue> (its folder under output_dir)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data and model
+# ---------------------------------------------------------------------------------------------
+
+def tokenize(data, tokenizer, max_length: int):
+    """Token ids per text, truncated but not padded: the collator pads each batch to its longest."""
+    max_length = min(max_length, tokenizer.model_max_length)
+    return data.map(lambda batch: tokenizer(batch["text"], truncation=True, max_length=max_length),
+                    batched=True, remove_columns=["text"], desc="tokenize")
+
+
+def make_collator(tokenizer, device: str):
+    from transformers import DataCollatorWithPadding
+
+    # widths that are multiples of 8 let CUDA tensor cores work; on CPU they are only extra padding
+    return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if device == "cuda" else None)
+
+
+def load_classifier(model_name: str, label_names: list[str], trust_remote_code: bool = False):
+    """A pretrained encoder with a fresh classification head for `label_names`, and its tokenizer."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    source = utils.resolve_pretrained(model_name, "model", "model_name=<a local model folder>")
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    if hasattr(config, "vision_config") or getattr(config, "model_type", "") in ("vit", "clip", "siglip"):
+        raise utils.LabError(f"{model_name} is a {config.model_type} (vision) model; exercise 2 fine-tunes a "
+                             f"text encoder such as distilbert-base-uncased")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as error:
+        raise utils.LabError(f"no usable tokenizer in {model_name}: {error}") from None
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            source, num_labels=len(label_names), id2label=dict(enumerate(label_names)),
+            label2id={name: i for i, name in enumerate(label_names)}, ignore_mismatched_sizes=True,
+            trust_remote_code=trust_remote_code, use_safetensors=None)
+    except ValueError as error:
+        raise utils.LabError(f"{model_name} cannot be loaded for sequence classification: {error}") from None
+    # The classification loss is a plain batch mean that ignores the Trainer's `num_items_in_batch`;
+    # saying so stops the Trainer from multiplying it by the number of DDP processes (transformers 5.x).
+    model.accepts_loss_kwargs = False
+    if tokenizer.pad_token is None:  # GPT-style tokenizers: pad with the end-of-text token
+        tokenizer.pad_token = tokenizer.eos_token
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainer pieces: interruption, NaN guard, resumable length-grouped sampling
+# ---------------------------------------------------------------------------------------------
+
+class TrainingGuard:
+    """Stops training at a step boundary, for two reasons.
+
+    SIGINT / SIGTERM: the step in flight finishes, a checkpoint is saved, training stops (a second
+    signal stops at once, without one). A NaN or infinite loss: training stops and nothing more is
+    saved, so the newest checkpoint on disk is the last good one. Under DDP the processes agree on
+    the decision at every step, so they all stop at the same one.
+    """
+
+    def __init__(self):
+        self.signal_number = None
+        self.bad_loss = None             # (step, value) of the first non-finite loss seen here
+        self.stopped = None              # "nonfinite" | "signal" once the processes agree
+
+    def observe_loss(self, loss, step: int) -> None:
+        if self.bad_loss is None and not bool(loss.isfinite().all()):
+            self.bad_loss = (step, float(loss.detach().float().mean()))
+
+    @contextmanager
+    def catching_signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signal handlers can only be installed from the main thread
+            return
+        previous = {number: signal.signal(number, self._on_signal) for number in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+
+    def _on_signal(self, number, frame):
+        if self.signal_number is not None:
+            raise KeyboardInterrupt
+        self.signal_number = number
+        print(f"\n{signal.Signals(number).name} received: finishing this step and saving a checkpoint "
+              f"(send it again to stop at once, without one)", file=sys.stderr, flush=True)
+
+    def on_step_end(self, control, device):
+        """Runs after the Trainer's own flow callback, so it can veto the saves that one schedules."""
+        import torch
+        import torch.distributed as dist
+
+        flags = torch.tensor([self.bad_loss is not None, self.signal_number is not None],
+                             dtype=torch.float32, device=device)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if flags[0]:
+            self.stopped = "nonfinite"
+            control.should_training_stop = True
+            control.should_save = control.should_evaluate = False
+        elif flags[1]:
+            self.stopped = "signal"
+            control.should_training_stop = control.should_save = True
+
+    def on_epoch_end(self, control, epoch: float):
+        # The Trainer evaluates and saves at every epoch end, also of an epoch cut short above; only a
+        # finished epoch may, or a resumed run would track a different best checkpoint.
+        if self.stopped == "nonfinite" or (self.stopped == "signal" and epoch % 1):
+            control.should_save = control.should_evaluate = False
+
+
+def make_trainer(guard: TrainingGuard, callbacks=(), **kwargs):
+    """A Trainer whose every training loss the guard sees, and whose length-grouped order is seeded
+    by (seed, epoch), so a run resumed mid-epoch replays the same batches."""
+    import torch
+    from transformers import Trainer, TrainerCallback
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    class GuardCallback(TrainerCallback):
+        def on_step_end(self, args, state, control, **_):
+            guard.on_step_end(control, args.device)
+
+        def on_epoch_end(self, args, state, control, **_):
+            guard.on_epoch_end(control, state.epoch)
+
+    class SeededLengthGroupedSampler(LengthGroupedSampler):
+        # the stock one draws from the global RNG when an epoch starts, which a resume cannot replay
+        def __init__(self, batch_size: int, lengths: list[int], seed: int):
+            super().__init__(batch_size, lengths=lengths, generator=torch.Generator())
+            self.seed, self.epoch = seed, 0
+
+        def set_epoch(self, epoch: int):
+            self.epoch = epoch
+
+        def __iter__(self):
+            self.generator.manual_seed(self.seed + self.epoch)
+            return super().__iter__()
+
+    class GuardedTrainer(Trainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            guard.observe_loss(loss, self.state.global_step + 1)
+            return loss
+
+        def _get_train_sampler(self, train_dataset=None):
+            sampler = super()._get_train_sampler(train_dataset)
+            if type(sampler) is LengthGroupedSampler:
+                seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+                return SeededLengthGroupedSampler(sampler.batch_size, sampler.lengths, seed)
+            return sampler
+
+    return GuardedTrainer(callbacks=[GuardCallback(), *callbacks], **kwargs)
+
+
+def training_arguments(config: dict, run_dir: Path, report_to: list[str], device: str):
+    import torch
+    from transformers import TrainingArguments
+
+    precision = config["mixed_precision"]
+    if precision in ("bf16", "fp16") and device != "cuda":
+        raise utils.LabError(f"mixed_precision={precision} needs a CUDA GPU; use auto or no on {device}")
+    if precision == "auto":
+        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device == "cuda" else "no"
+    lora = config["lora"]["enabled"]
+    steps = config["eval_strategy"] == "steps"
+    return TrainingArguments(
+        output_dir=str(run_dir),
+        run_name=run_dir.name,
+        report_to=report_to or "none",
+        seed=config["seed"],
+        learning_rate=config["lora"]["learning_rate"] if lora else config["learning_rate"],
+        num_train_epochs=config["num_train_epochs"],
+        max_steps=config["max_steps"] or -1,
+        per_device_train_batch_size=config["batch_size"],
+        per_device_eval_batch_size=config["eval_batch_size"],
+        gradient_accumulation_steps=config["gradient_accumulation_steps"],
+        weight_decay=config["weight_decay"],
+        warmup_steps=config["warmup"],
+        lr_scheduler_type=config["lr_scheduler_type"],
+        max_grad_norm=config["max_grad_norm"],
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        train_sampling_strategy="group_by_length" if config["group_by_length"] else "random",
+        eval_strategy=config["eval_strategy"],
+        eval_steps=config["eval_steps"] if steps else None,
+        save_strategy=config["eval_strategy"],  # the best checkpoint can only be one that was evaluated
+        save_steps=config["eval_steps"] if steps else None,
+        save_total_limit=config["save_total_limit"],
+        load_best_model_at_end=True,
+        metric_for_best_model=config["metric_for_best_model"],
+        logging_strategy="steps",
+        logging_steps=config["logging_steps"],
+        label_names=["labels"],
+        dataloader_pin_memory=device == "cuda",
+        use_cpu=device == "cpu",  # also what makes torchrun on CPU use DDP (gloo) instead of N separate runs
+    )
+
+
+def reporters(config: dict) -> list[str]:
+    """The Trainer's report_to: tensorboard and/or wandb (both, either, or none)."""
+    return [name for name, on in (("tensorboard", config["tensorboard"]),
+                                  ("wandb", config["wandb_mode"] != "disabled")) if on]
+
+
+def shared_run_dir(config: dict, state) -> Path:
+    """The run folder, made by the main process and broadcast, so every process writes the same one."""
+    from accelerate.utils import broadcast_object_list
+
+    run_dir = [None]
+    if state.is_main_process:
+        run_dir[0] = utils.prepare_run_dir(config["output_dir"], config["run_name"], "exercise_2",
+                                           config["overwrite"], resume=config["resume"])
+    if state.num_processes > 1:
+        broadcast_object_list(run_dir)
+    return Path(run_dir[0])
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint-N folder (the Trainer writes trainer_state.json last)."""
+    complete = [path for path in run_dir.glob("checkpoint-*")
+                if path.name.split("-")[-1].isdigit() and (path / "trainer_state.json").exists()]
+    return max(complete, key=lambda path: int(path.name.split("-")[-1]), default=None)
+
+
+def evaluate_stage(trainer, datasets) -> tuple[dict, dict, dict]:
+    """Metrics, (labels, predicted ids) and samples/s per split; only argmax ids are kept, so
+    memory does not grow with the evaluation set."""
+    metrics, outputs, speed = {}, {}, {}
+    for split in ("validation", "test"):
+        output = trainer.predict(datasets[split], metric_key_prefix=split)
+        values = {key[len(split) + 1:]: value for key, value in output.metrics.items()}
+        speed[split] = values.pop("samples_per_second")
+        metrics[split] = {key: value for key, value in values.items()
+                          if key not in ("runtime", "steps_per_second", "model_preparation_time")}
+        outputs[split] = (np.asarray(output.label_ids), np.asarray(output.predictions))
+    return metrics, outputs, speed
+
+
+def main(argv: list[str] | None = None, callbacks=()):
+    """Run exercise 2; `callbacks`: extra TrainerCallbacks (e.g. EarlyStoppingCallback)."""
+    from accelerate import PartialState
+
+    # 1. config, and one run folder for all processes (torchrun has already started them)
+    config = utils.parse_config(CONFIG, argv or [], CHOICES, POSITIVE, "exercise_2.py")
+    check_config(config)
+    device = utils.best_device()
+    distributed = PartialState(cpu=device == "cpu")
+    main_process = distributed.is_main_process
+    run_dir = shared_run_dir(config, distributed)
+    report_to = reporters(config)
+    utils.configure_wandb_env(config, run_dir, "exercise_2")
+    if config["tensorboard"]:
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")  # read by the Trainer's callback
+    # the W&B run is started here, on the main process only; the Trainer's WandbCallback logs into it
+    loggers = utils.RunLoggers(run_dir, config, "exercise_2") if main_process else None
+    timing = {}
+    start = time.perf_counter()
+
+    # 2. data: train / validation / test with text and integer labels
+    with utils.timed(timing, "load_data"):
+        data = utils.load_text_dataset(config["dataset"], config["text_column"], config["label_column"],
+                                       config["seed"], config["max_train_samples"], config["max_eval_samples"])
+    label_names = data["train"].features["label"].names
+    if main_process:
+        print(f"data: {', '.join(f'{s} {len(d)}' for s, d in data.items())}; classes {label_names}")
+
+    # 3. the model: pretrained encoder + fresh head (seeded), optionally wrapped with LoRA adapters
+    with utils.timed(timing, "load_model"):
+        utils.set_seed(config["seed"])
+        model, tokenizer = load_classifier(config["model_name"], label_names, config["trust_remote_code"])
+        if config["lora"]["enabled"]:
+            model = LoRA.apply_lora(model, config["lora"])
+    trainable, total = LoRA.count_parameters(model)
+    if main_process:
+        print(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)")
+
+    # 4. token ids without padding; the collator pads each batch to its own longest text
+    with utils.timed(timing, "tokenize"):
+        tokenized = tokenize(data, tokenizer, config["max_length"])
+
+    # 5. the Trainer: best checkpoint by validation metric, metrics from evaluate.py
+    guard = TrainingGuard()
+    trainer = make_trainer(
+        guard, model=model, args=training_arguments(config, run_dir, report_to, device),
+        train_dataset=tokenized["train"], eval_dataset=tokenized["validation"], processing_class=tokenizer,
+        data_collator=make_collator(tokenizer, device), compute_metrics=evaluate.compute_metrics,
+        preprocess_logits_for_metrics=evaluate.preprocess_logits_for_metrics, callbacks=callbacks)
+
+    # 6. the `pretrained` stage: the same model before any training
+    metrics, outputs, speed = {}, {}, {}
+    if config["evaluate_pretrained"]:
+        with utils.timed(timing, "pretrained"):
+            metrics["pretrained"], outputs["pretrained"], speed["pretrained"] = evaluate_stage(trainer, tokenized)
+
+    # 7. train, from the newest checkpoint when resuming
+    checkpoint = latest_checkpoint(run_dir) if config["resume"] else None
+    if config["resume"] and main_process:
+        print(f"resuming from {checkpoint}" if checkpoint else f"resume: no checkpoint in {run_dir}; starting afresh")
+    with utils.timed(timing, "train"), guard.catching_signals():
+        train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if guard.stopped == "nonfinite" or guard.signal_number is not None:
+        stop_early(guard, trainer, run_dir, config, loggers)
+
+    # 8. the `fine_tuned` stage: the best checkpoint (loaded by the Trainer) on validation and test
+    with utils.timed(timing, "evaluate"):
+        metrics["fine_tuned"], outputs["fine_tuned"], speed["fine_tuned"] = evaluate_stage(trainer, tokenized)
+    timing["total"] = round(time.perf_counter() - start, 3)
+    if not main_process:
+        return run_dir
+
+    # 9. results file, plots and summary (main process only)
+    matrices, reports = {}, {}
+    for stage, splits in outputs.items():
+        matrices[stage] = {split: evaluate.confusion(labels, predicted, len(label_names)).tolist()
+                           for split, (labels, predicted) in splits.items()}
+        reports[stage] = evaluate.classification_report_text(*splits["test"], label_names)
+    curves = evaluate.plot_training_curves(trainer.state.log_history, run_dir / "training_curves.png")
+    confusion = evaluate.plot_confusion_matrix(np.asarray(matrices["fine_tuned"]["test"]), label_names,
+                                               run_dir / "confusion_fine_tuned_test.png", "fine-tuned on test")
+    # step=None: W&B appends these after the Trainer's own steps instead of dropping them as out of order
+    for stage in metrics:
+        loggers.log_metrics(metrics[stage], prefix=f"{stage}.", step=None)
+    loggers.log_figure("fine_tuned/training_curves", curves, step=None)
+    loggers.log_figure("fine_tuned/confusion_test", confusion, step=None)
+    loggers.log_text("fine_tuned/classification_report_test", reports["fine_tuned"])
+    if config["lora"]["enabled"]:
+        LoRA.save_adapter(trainer.model, run_dir / "adapter")
+    best = trainer.state.best_model_checkpoint
+    model_info = {"name": config["model_name"], "parameters": total, "trainable_parameters": trainable,
+                  "num_labels": len(label_names), "lora": config["lora"] if config["lora"]["enabled"] else None,
+                  "adapter": str(run_dir / "adapter") if config["lora"]["enabled"] else None}
+    train_metrics = train_output.metrics
+    evaluate.write_results(
+        run_dir, "exercise_2", config, metrics, timing, model_info, label_names=label_names, report_to=report_to,
+        best_checkpoint=best, best_metric={config["metric_for_best_model"]: trainer.state.best_metric},
+        training={"global_step": trainer.state.global_step, "epochs": trainer.state.epoch,
+                  "train_loss": train_metrics.get("train_loss"), "resumed_from": str(checkpoint) if checkpoint else None,
+                  "processes": distributed.num_processes, "device": device},
+        throughput={"train_samples_per_second": train_metrics.get("train_samples_per_second"),
+                    "eval_samples_per_second": speed},
+        confusion_matrices=matrices, classification_reports=reports,
+        data_sizes={split: len(dataset) for split, dataset in data.items()}, log_history=trainer.state.log_history)
+    loggers.finish()
+    print(f"\n{evaluate.results_table(metrics)}\n\nbest checkpoint: {best}\n"
+          f"train: {train_metrics.get('train_samples_per_second')} samples/s over {timing['train']:.0f} s\n"
+          f"run folder: {run_dir}")
+    return run_dir
+
+
+def stop_early(guard: TrainingGuard, trainer, run_dir: Path, config: dict, loggers) -> None:
+    """End the run after the guard stopped training: an error for a bad loss, a clean exit for a signal."""
+    step = trainer.state.global_step
+    checkpoint = latest_checkpoint(run_dir)
+    if loggers is not None:
+        loggers.finish()
+    if guard.stopped == "nonfinite":
+        where = f"at step {guard.bad_loss[0]} ({guard.bad_loss[1]})" if guard.bad_loss else "in another process"
+        kept = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint had been saved yet"
+        raise utils.LabError(f"training stopped: the loss became NaN or infinite {where}; nothing after it was "
+                             f"saved and {kept}. Lower learning_rate (or lora.learning_rate) or max_grad_norm and "
+                             f"run again")
+    name = signal.Signals(guard.signal_number).name
+    if trainer.is_world_process_zero():
+        print(f"{name}: training stopped at step {step}; checkpoint {checkpoint}. Continue with the same "
+              f"arguments plus resume=True run_name={run_dir.name} output_dir={config['output_dir']}",
+              file=sys.stderr, flush=True)
+    raise SystemExit(128 + guard.signal_number)
+
+
+if __name__ == "__main__":
+    utils.run_cli(main)

@@ -1,0 +1,241 @@
+"""Exercise 2: tokenization and dynamic padding, Trainer metrics, a smoke run with both loggers,
+interruption and resume, the NaN guard, torchrun with two CPU processes, and (slow) real MiniLM
+fine-tuning that must beat its own untrained stage."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer, EvalPrediction, TrainerCallback
+
+import evaluate
+import exercise_2
+import utils
+from conftest import ROOT, write_csv_dataset
+
+
+def tiny_args(model: str, dataset, output_dir, **overrides) -> list[str]:
+    """A few seconds of training: 96 examples, 12 steps per epoch, an evaluation every 4 steps."""
+    config = {"model_name": model, "dataset": dataset, "output_dir": output_dir, "max_train_samples": 96,
+              "max_eval_samples": 32, "batch_size": 8, "eval_batch_size": 32, "learning_rate": 1e-2,
+              "num_train_epochs": 2, "eval_strategy": "steps", "eval_steps": 4, "logging_steps": 2,
+              "warmup": 0, "wandb_mode": "disabled", "tensorboard": False, "seed": 0}
+    config.update(overrides)
+    return [f"{key}={value}" for key, value in config.items()]
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread(request):
+    """Tiny models gain nothing from a second thread and lose ~10x when the cores are shared."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def read_results(run_dir) -> dict:
+    return json.loads((run_dir / "results.json").read_text())
+
+
+def checkpoints(run_dir) -> list[str]:
+    return sorted((path.name for path in run_dir.glob("checkpoint-*")), key=lambda name: int(name.split("-")[1]))
+
+
+class SignalAtStep(TrainerCallback):
+    """Sends this process a real signal once training reaches `step`."""
+
+    def __init__(self, step: int, number: int):
+        self.step, self.number = step, number
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), self.number)
+
+
+class PoisonWeightsAtStep(TrainerCallback):
+    """Fills the embeddings with NaN after `step`, so the next loss is NaN."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step:
+            with torch.no_grad():
+                model.get_input_embeddings().weight.fill_(float("nan"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces
+# ---------------------------------------------------------------------------------------------
+
+def test_tokenize_leaves_padding_to_the_collator(tiny_distilbert, rt_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_distilbert)
+    data = utils.load_text_dataset(str(rt_dir), seed=0, max_train_samples=40, max_eval_samples=20)
+    tokenized = exercise_2.tokenize(data, tokenizer, max_length=24)
+    assert set(tokenized["train"].column_names) == {"input_ids", "attention_mask", "label"}
+    lengths = [len(ids) for ids in tokenized["train"]["input_ids"]]
+    assert len(set(lengths)) > 1 and max(lengths) <= 24  # truncated, not padded
+    assert tokenized["test"]["label"] == data["test"]["label"]
+
+    features = [tokenized["train"][i] for i in range(8)]
+    longest = max(len(feature["input_ids"]) for feature in features)
+    batch = exercise_2.make_collator(tokenizer, "cpu")(features)
+    assert batch["input_ids"].shape == (8, longest)
+    assert batch["attention_mask"].sum(1).tolist() == [len(feature["input_ids"]) for feature in features]
+    assert batch["labels"].tolist() == [feature["label"] for feature in features]
+    short = [feature for feature in features if len(feature["input_ids"]) < longest][:3]
+    assert exercise_2.make_collator(tokenizer, "cpu")(short)["input_ids"].shape[1] < longest
+    assert exercise_2.make_collator(tokenizer, "cuda")(features)["input_ids"].shape[1] == -(-longest // 8) * 8
+
+
+def test_trainer_metrics_on_hand_computed_example():
+    logits = torch.tensor([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
+    labels = np.array([1, 0, 0, 0])  # predictions 1 0 1 0
+    ids = evaluate.preprocess_logits_for_metrics(logits, None)
+    assert ids.tolist() == [1, 0, 1, 0]
+    for predictions in (ids.numpy(), logits.numpy()):
+        metrics = evaluate.compute_metrics(EvalPrediction(predictions=predictions, label_ids=labels))
+        assert metrics["accuracy"] == pytest.approx(0.75)
+        assert metrics["precision_macro"] == pytest.approx((1.0 + 0.5) / 2)
+        assert metrics["recall_macro"] == pytest.approx((2 / 3 + 1.0) / 2)
+        assert metrics["f1_macro"] == pytest.approx((0.8 + 2 / 3) / 2)
+
+
+def test_guard_flags_nan_and_inf_losses_only():
+    guard = exercise_2.TrainingGuard()
+    guard.observe_loss(torch.tensor(0.7), 1)
+    assert guard.bad_loss is None
+    guard.observe_loss(torch.tensor(float("inf")), 2)
+    guard.observe_loss(torch.tensor(float("nan")), 3)
+    assert guard.bad_loss == (2, float("inf"))
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(utils.LabError, match="resume=True needs run_name"):
+        exercise_2.main([f"output_dir={tmp_path}", "resume=True"])
+    with pytest.raises(utils.LabError, match="metric_for_best_model"):
+        exercise_2.main([f"output_dir={tmp_path}", "metric_for_best_model=bleu"])
+    with pytest.raises(utils.LabError, match="lora.dropout"):
+        exercise_2.main([f"output_dir={tmp_path}", "lora.dropout=1.5"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole runs on the tiny random DistilBERT
+# ---------------------------------------------------------------------------------------------
+
+def test_smoke_run_with_tensorboard_and_wandb(tiny_distilbert, rt_dir, tmp_path):
+    run_dir = exercise_2.main(tiny_args(tiny_distilbert, rt_dir, tmp_path, run_name="smoke", max_steps=8,
+                                        wandb_mode="offline", tensorboard=True, save_total_limit=1))
+    results = read_results(run_dir)
+    assert results["exercise"] == "exercise_2" and results["report_to"] == ["tensorboard", "wandb"]
+    for stage in ("pretrained", "fine_tuned"):
+        for split in ("validation", "test"):
+            values = results["metrics"][stage][split]
+            assert {"loss", "accuracy", "f1_macro"} <= set(values) and 0 <= values["accuracy"] <= 1
+            assert np.sum(results["confusion_matrices"][stage][split]) == 32
+    assert results["training"]["global_step"] == 8
+    assert results["model"]["trainable_parameters"] == results["model"]["parameters"] > 0
+    # the best checkpoint is the one with the lowest validation loss, and it is what was tested
+    evaluations = [entry for entry in results["log_history"] if "eval_loss" in entry]
+    best = min(evaluations, key=lambda entry: entry["eval_loss"])
+    assert results["best_checkpoint"].endswith(f"checkpoint-{best['step']}")
+    assert results["metrics"]["fine_tuned"]["validation"]["loss"] == pytest.approx(best["eval_loss"], rel=1e-5)
+    assert len(checkpoints(run_dir)) <= 2  # save_total_limit=1 keeps the best (plus the newest while training)
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert (run_dir / "training_curves.png").stat().st_size > 0
+    assert (run_dir / "confusion_fine_tuned_test.png").stat().st_size > 0
+
+
+def test_sigterm_then_resume_matches_an_uninterrupted_run(tiny_distilbert, rt_dir, tmp_path):
+    # batch_size=1 makes 60 steps per epoch and length-grouped "megabatches" of 50 examples, so the
+    # random order of epoch 2 decides what the resumed run sees
+    args = tiny_args(tiny_distilbert, rt_dir, tmp_path, max_train_samples=60, batch_size=1, eval_steps=20,
+                     logging_steps=10, learning_rate=3e-3, evaluate_pretrained=False)
+    uninterrupted = read_results(exercise_2.main(args + ["run_name=whole"]))
+
+    # SIGTERM during step 77 (epoch 2, between evaluations): step 78 finishes and is checkpointed
+    with pytest.raises(SystemExit) as stopped:
+        exercise_2.main(args + ["run_name=cut"], callbacks=[SignalAtStep(77, signal.SIGTERM)])
+    assert stopped.value.code == 128 + signal.SIGTERM
+    run_dir = tmp_path / "cut"
+    assert "checkpoint-78" in checkpoints(run_dir) and not (run_dir / "results.json").exists()
+
+    resumed = read_results(exercise_2.main(args + ["run_name=cut", "resume=True"]))
+    assert resumed["training"]["resumed_from"].endswith("checkpoint-78")
+    assert resumed["training"]["global_step"] == uninterrupted["training"]["global_step"] == 120
+    assert resumed["metrics"] == uninterrupted["metrics"]
+    assert resumed["best_metric"] == uninterrupted["best_metric"]
+    assert resumed["best_checkpoint"].rsplit("-", 1)[1] == uninterrupted["best_checkpoint"].rsplit("-", 1)[1]
+
+
+def test_sigint_saves_a_checkpoint_and_exits(tiny_distilbert, rt_dir, tmp_path):
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(SystemExit) as stopped:
+        exercise_2.main(tiny_args(tiny_distilbert, rt_dir, tmp_path, run_name="ctrl-c", eval_strategy="epoch",
+                                  evaluate_pretrained=False), callbacks=[SignalAtStep(2, signal.SIGINT)])
+    assert stopped.value.code == 128 + signal.SIGINT
+    assert checkpoints(tmp_path / "ctrl-c") == ["checkpoint-3"]
+    # the cut-short epoch was not evaluated as if it had finished (a resumed run would then pick its best
+    # checkpoint among different evaluations than an uninterrupted one)
+    state = json.loads((tmp_path / "ctrl-c" / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3 and not any("eval_loss" in entry for entry in state["log_history"])
+    assert signal.getsignal(signal.SIGINT) is handler  # the usual Ctrl-C behaviour is back
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_distilbert, rt_dir, tmp_path):
+    # evaluations and saves at steps 4, 8, ...; the weights turn NaN after step 6, so step 7's loss is NaN
+    with pytest.raises(utils.LabError, match=r"NaN or infinite at step 7.*checkpoint-4"):
+        exercise_2.main(tiny_args(tiny_distilbert, rt_dir, tmp_path, run_name="diverged", evaluate_pretrained=False),
+                        callbacks=[PoisonWeightsAtStep(6)])
+    run_dir = tmp_path / "diverged"
+    assert checkpoints(run_dir) == ["checkpoint-4"] and not (run_dir / "results.json").exists()
+    from safetensors.torch import load_file
+
+    weights = load_file(run_dir / "checkpoint-4" / "model.safetensors")
+    assert all(bool(tensor.isfinite().all()) for tensor in weights.values())
+
+
+def test_torchrun_two_cpu_processes_write_one_result(tiny_distilbert, tmp_path):
+    """DDP over gloo on a 4-class CSV with string labels; only the main process writes."""
+    dataset = write_csv_dataset(tmp_path / "topics", num_classes=4, per_class=24)
+    output_dir = tmp_path / "runs"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(ROOT / "exercise_2.py"),
+               *tiny_args(tiny_distilbert, dataset, output_dir, text_column="sentence", label_column="topic",
+                          max_eval_samples=None, max_steps=6, wandb_mode="offline", tensorboard=True)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LAB_SHARED_DIR": str(utils.shared_dir())}
+    finished = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    results_files = list(output_dir.rglob("results.json"))
+    assert len(results_files) == 1 and len(list(output_dir.iterdir())) == 1
+    results = json.loads(results_files[0].read_text())
+    assert results["training"]["processes"] == 2 and results["training"]["global_step"] == 6
+    assert results["label_names"] == ["music", "politics", "science", "sports"]  # sorted string labels
+    matrix = np.asarray(results["confusion_matrices"]["fine_tuned"]["test"])
+    assert matrix.shape == (4, 4) and matrix.sum() == results["data_sizes"]["test"]  # each example once
+    assert len(list(results_files[0].parent.glob("wandb/offline-run-*"))) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Real model, real data
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_minilm_fine_tuning_beats_its_pretrained_stage(minilm_path, rt_dir, tmp_path):
+    run_dir = exercise_2.main([f"model_name={minilm_path}", f"dataset={rt_dir}", f"output_dir={tmp_path}",
+                               "max_train_samples=2000", "max_eval_samples=500", "num_train_epochs=1",
+                               "learning_rate=5e-5", "wandb_mode=disabled", "tensorboard=false"])
+    metrics = read_results(run_dir)["metrics"]
+    for split in ("validation", "test"):
+        before, after = metrics["pretrained"][split]["accuracy"], metrics["fine_tuned"][split]["accuracy"]
+        assert after >= 0.70 and after >= before + 0.10, (split, before, after)
