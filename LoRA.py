@@ -49,7 +49,9 @@ def lora_config(lora_cfg: dict, model_type: str, task_type: str | None = "SEQ_CL
         target_modules = targets
     return LoraConfig(task_type=task_type, r=lora_cfg["r"], lora_alpha=lora_cfg["alpha"],
                       lora_dropout=lora_cfg["dropout"], target_modules=target_modules,
-                      use_rslora=lora_cfg.get("use_rslora", False), bias="none")
+                      use_rslora=lora_cfg.get("use_rslora", False), bias="none",
+                      # whole modules trained and saved with the adapters (e.g. CLIP's projections)
+                      modules_to_save=list(lora_cfg.get("modules_to_save") or []) or None)
 
 
 def apply_lora(model, lora_cfg: dict, task_type: str | None = "SEQ_CLS"):
