@@ -43,8 +43,8 @@ CONFIG = {
     "max_length": 128,               # tokens; longer texts are truncated, each batch padded to its longest
     # optimisation; batch sizes are per process: the global batch is
     # batch_size x processes x gradient_accumulation_steps
-    "learning_rate": 2e-5,
-    "num_train_epochs": 3.0,
+    "learning_rate": 3e-5,
+    "num_train_epochs": 2.0,
     "max_steps": None,               # None = num_train_epochs decides; else this many optimizer steps
     "batch_size": 16,
     "eval_batch_size": 64,

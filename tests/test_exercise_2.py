@@ -31,11 +31,8 @@ def tiny_args(model: str, dataset, output_dir, **overrides) -> list[str]:
 
 
 @pytest.fixture(autouse=True)
-def one_torch_thread(request):
-    """Tiny models gain nothing from a second thread and lose ~10x when the cores are shared."""
-    if request.node.get_closest_marker("slow"):
-        yield
-        return
+def one_torch_thread():
+    """On the shared 2-core machine one thread is ~8x faster than two (the second waits on busy cores)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -84,7 +81,7 @@ def test_tokenize_leaves_padding_to_the_collator(tiny_distilbert, rt_dir):
     assert set(tokenized["train"].column_names) == {"input_ids", "attention_mask", "label"}
     lengths = [len(ids) for ids in tokenized["train"]["input_ids"]]
     assert len(set(lengths)) > 1 and max(lengths) <= 24  # truncated, not padded
-    assert tokenized["test"]["label"] == data["test"]["label"]
+    assert list(tokenized["test"]["label"]) == list(data["test"]["label"])
 
     features = [tokenized["train"][i] for i in range(8)]
     longest = max(len(feature["input_ids"]) for feature in features)
