@@ -1,0 +1,802 @@
+"""CLIP for exercise 3: image data, prompts, a zero-shot classifier and its evaluation, the
+image-text collator, a contrastive `CLIPTrainer`, and a small random-weight CLIP for offline runs.
+
+    python clip.py build-tiny models/tiny-clip              # random weights, real CLIP tokenizer
+    python clip.py build-tiny models/tiny-clip image_size=64 hidden_size=128
+
+Images are never preprocessed ahead of time: datasets hold file paths (or the Hub's undecoded
+bytes) and `with_transform` opens, converts to RGB and preprocesses each batch when it is read,
+so nothing image-sized is written to disk.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import Trainer, TrainerCallback
+
+import evaluate
+import utils
+from utils import LabError
+
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+WORDNET_ID = re.compile(r"^n\d{8}$")
+MAX_LOGIT_SCALE = 100.0           # CLIP's cap on the learned temperature, exp(logit_scale) <= 100
+TOKENIZER_DIR = "models/clip-tokenizer"    # inside the shared assets folder
+WORDS_FILE = "data/tiny-imagenet-200/words.txt"
+
+# Prompt sets. "single" is CLIP's default; "ensemble" is a small set of our own that suits
+# small, low-resolution 64x64 pictures. Features are averaged over a set's templates.
+TEMPLATES = {
+    "single": ("a photo of a {}.",),
+    "ensemble": (
+        "a photo of a {}.",
+        "a low resolution photo of a {}.",
+        "a blurry photo of a {}.",
+        "a cropped photo of a {}.",
+        "a close-up photo of a {}.",
+        "a photo of a small {}.",
+        "a photo of one {}.",
+        "a picture showing a {}.",
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Class names
+# ---------------------------------------------------------------------------------------------
+
+def read_wordnet_words(words_file: Path) -> dict:
+    """wnid -> comma-separated synonyms, from the release's words.txt (`wnid<TAB>names`)."""
+    words = {}
+    for line in Path(words_file).read_text(encoding="utf-8").splitlines():
+        wnid, _, names = line.partition("\t")
+        words[wnid.strip()] = names.strip()
+    return words
+
+
+def readable_class_names(raw_names: list[str], style: str = "first", words_file: Path | None = None) -> list[str]:
+    """Unique, readable names for prompts.
+
+    `raw_names` are WordNet ids or folder names. `style`: "first" (first WordNet synonym),
+    "all" (every synonym, as in words.txt), or the path of a JSON file {raw name: readable name}
+    (classes it leaves out fall back to "first"). Folder names lose their underscores.
+    """
+    custom = {}
+    if style not in ("first", "all"):
+        custom_file = Path(style).expanduser()
+        if not custom_file.is_file():
+            raise LabError(f"class_names must be 'first', 'all' or a JSON file of names; {style!r} is none of these")
+        custom = json.loads(custom_file.read_text(encoding="utf-8"))
+    words = read_wordnet_words(words_file) if words_file and Path(words_file).is_file() else {}
+    names = []
+    for raw in raw_names:
+        if raw in custom:
+            names.append(str(custom[raw]))
+        elif raw in words:
+            names.append(words[raw] if style == "all" else words[raw].split(",")[0].strip())
+        else:
+            names.append(raw.replace("_", " "))
+    untranslated = [raw for raw, name in zip(raw_names, names) if WORDNET_ID.match(name)]
+    if untranslated:
+        print(f"warning: no readable name for {len(untranslated)} WordNet ids (e.g. {untranslated[0]}); "
+              f"prompts will use the ids. Point to a words.txt or set class_names=<names.json>")
+    counts = {}
+    for name in names:
+        counts[name] = counts.get(name, 0) + 1
+    # two classes with one name would get one prompt: keep them apart by their raw id
+    return [f"{name} ({raw})" if counts[name] > 1 else name for name, raw in zip(names, raw_names)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Image data: the Tiny ImageNet release layout, an ImageFolder, or a Hub dataset
+# ---------------------------------------------------------------------------------------------
+
+def _image_files(folder: Path) -> list[str]:
+    return sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def read_release_layout(folder: Path) -> tuple[dict, list[str]]:
+    """Tiny ImageNet as released: classes from wnids.txt (index = line), train/<wnid>/images/*,
+    val/images/* labelled by val/val_annotations.txt. Returns ({split: (paths, labels)}, wnids)."""
+    wnids = (folder / "wnids.txt").read_text(encoding="utf-8").split()
+    index = {wnid: i for i, wnid in enumerate(wnids)}
+    paths, labels = [], []
+    for wnid in wnids:
+        files = _image_files(folder / "train" / wnid)
+        paths += files
+        labels += [index[wnid]] * len(files)
+    splits = {"train": (paths, labels)}
+    annotations = folder / "val" / "val_annotations.txt"
+    if annotations.exists():
+        val_paths, val_labels = [], []
+        for line in annotations.read_text(encoding="utf-8").splitlines():
+            filename, wnid = line.split("\t")[:2]
+            if wnid not in index:
+                raise LabError(f"{annotations} labels {filename} with {wnid}, which is not in wnids.txt")
+            val_paths.append(str(folder / "val" / "images" / filename))
+            val_labels.append(index[wnid])
+        splits["validation"] = (val_paths, val_labels)
+    return splits, wnids
+
+
+def read_image_folder(folder: Path) -> tuple[dict, list[str]]:
+    """One sub-folder per class, either directly in `folder` (one split) or inside train/ and
+    val/ (or validation/, valid/). Classes come from the train folders, sorted."""
+    split_dirs = {"train": folder}
+    if (folder / "train").is_dir():
+        split_dirs = {"train": folder / "train"}
+        found = [folder / alias for alias in utils.SPLIT_ALIASES["validation"] if (folder / alias).is_dir()]
+        if found:
+            split_dirs["validation"] = found[0]
+    classes = sorted(p.name for p in split_dirs["train"].iterdir() if p.is_dir())
+    if not classes:
+        raise LabError(f"{split_dirs['train']} has no class sub-folders; an image dataset folder needs one "
+                       f"folder of images per class (or the Tiny ImageNet release layout)")
+    splits = {}
+    for split, split_dir in split_dirs.items():
+        unknown = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and p.name not in classes)
+        if unknown:
+            raise LabError(f"classes {unknown[:5]} in {split_dir} have no folder in {split_dirs['train']}")
+        paths, labels = [], []
+        for label, name in enumerate(classes):
+            files = _image_files(split_dir / name) if (split_dir / name).is_dir() else []
+            paths += files
+            labels += [label] * len(files)
+        splits[split] = (paths, labels)
+    return splits, classes
+
+
+def _select_rows(labels, max_classes: int | None, max_samples: int | None, seed: int, split: str) -> np.ndarray:
+    """Rows of the first `max_classes` classes, then a stratified, seeded subsample of them."""
+    labels = np.asarray(labels)
+    rows = np.arange(len(labels)) if max_classes is None else np.flatnonzero(labels < max_classes)
+    if max_samples is not None and max_samples < len(rows):
+        _, picked = utils.stratified_indices(labels[rows].tolist(), max_samples, seed)
+        rows = rows[picked]
+    elif max_samples is not None and max_samples > len(rows):
+        print(f"max samples {max_samples} > {len(rows)} images in {split}: using all {len(rows)}")
+    return rows
+
+
+def load_image_dataset(dataset: str, seed: int = 0, max_train_samples: int | None = None,
+                       max_eval_samples: int | None = None, max_classes: int | None = None,
+                       class_names: str = "first", validation_fraction: float = 0.1):
+    """A DatasetDict with train and validation splits; columns `image` (a file path, or the Hub's
+    undecoded {bytes, path}) and `label` (ClassLabel with readable names). No image is opened here.
+
+    `dataset`: the Tiny ImageNet release folder (wnids.txt, words.txt, train/, val/), an ImageFolder
+    (class sub-folders, optionally under train/ and val/), or a Hub id. Without a validation split,
+    one is carved from train (stratified, seeded). `max_classes` keeps the first N classes.
+    """
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+
+    path = Path(dataset).expanduser()
+    if not path.exists() and (dataset.startswith((".", "/", "~")) or dataset.count("/") > 1):
+        raise LabError(f"dataset path {dataset!r} does not exist")
+    if not path.exists():
+        return _load_hub_images(dataset, seed, max_train_samples, max_eval_samples, max_classes, class_names,
+                                validation_fraction)
+    if not path.is_dir():
+        raise LabError(f"dataset {dataset!r} is a file; give a folder (Tiny ImageNet release layout or one "
+                       f"sub-folder of images per class) or a Hub id")
+    if (path / "wnids.txt").exists():
+        splits, raw_names = read_release_layout(path)
+    else:
+        splits, raw_names = read_image_folder(path)
+    words_file = path / "words.txt" if (path / "words.txt").exists() else utils.shared_dir() / WORDS_FILE
+    if "validation" not in splits:
+        paths, labels = splits["train"]
+        rest, carved = utils.stratified_indices(labels, validation_fraction, seed)
+        print(f"{dataset} has no validation split: carving {len(carved)} images from train (stratified, seed {seed})")
+        splits = {"train": ([paths[i] for i in rest], [labels[i] for i in rest]),
+                  "validation": ([paths[i] for i in carved], [labels[i] for i in carved])}
+    if max_classes is not None:
+        raw_names = raw_names[:max_classes]
+    names = readable_class_names(raw_names, class_names, words_file)
+    features = Features({"image": Value("string"), "label": ClassLabel(names=names)})
+    data = {}
+    for split, (paths, labels) in splits.items():
+        if not paths:
+            raise LabError(f"the {split} split of {dataset} has no images ({', '.join(IMAGE_SUFFIXES)})")
+        limit = max_train_samples if split == "train" else max_eval_samples
+        rows = _select_rows(labels, max_classes, limit, seed, split)
+        data[split] = Dataset.from_dict({"image": [paths[i] for i in rows], "label": [labels[i] for i in rows]},
+                                        features=features)
+    return DatasetDict(data)
+
+
+def hub_image_splits(loaded, seed: int = 0, max_train_samples: int | None = None,
+                     max_eval_samples: int | None = None, max_classes: int | None = None,
+                     class_names: str = "first", validation_fraction: float = 0.1, words_file: Path | None = None):
+    """A Hub DatasetDict (an Image column and a ClassLabel column) in this module's format: image
+    bytes stay undecoded in the Hub's own cache; only row selections and feature types change."""
+    from datasets import ClassLabel, DatasetDict, Image
+
+    split_names = {}
+    for split in ("train", "validation"):
+        found = [alias for alias in utils.SPLIT_ALIASES[split] if alias in loaded]
+        if found:
+            split_names[split] = found[0]
+    if "train" not in split_names:
+        raise LabError(f"the dataset has no train split (splits: {list(loaded)})")
+    train = loaded[split_names["train"]]
+    image_column = next((c for c, f in train.features.items() if isinstance(f, Image)), None)
+    label_column = next((c for c, f in train.features.items() if isinstance(f, ClassLabel)), None)
+    if image_column is None or label_column is None:
+        raise LabError(f"the dataset needs an image column and a class-label column; it has {dict(train.features)}")
+    raw_names = train.features[label_column].names
+    data = {split: loaded[name] for split, name in split_names.items()}
+    if "validation" not in data:
+        rest, carved = utils.stratified_indices(list(train[label_column]), validation_fraction, seed)
+        data = {"train": train.select(rest), "validation": train.select(carved)}
+    if max_classes is not None:
+        raw_names = raw_names[:max_classes]
+    label_feature = ClassLabel(names=readable_class_names(raw_names, class_names, words_file))
+    result = {}
+    for split, table in data.items():
+        limit = max_train_samples if split == "train" else max_eval_samples
+        rows = _select_rows(list(table[label_column]), max_classes, limit, seed, split)
+        table = table.select(rows).select_columns([image_column, label_column])
+        table = table.rename_columns({old: new for old, new in ((image_column, "image"), (label_column, "label"))
+                                      if old != new})
+        result[split] = table.cast_column("image", Image(decode=False)).cast_column("label", label_feature)
+    return DatasetDict(result)
+
+
+def _load_hub_images(dataset, seed, max_train_samples, max_eval_samples, max_classes, class_names, validation_fraction):
+    from datasets import load_dataset
+
+    source = utils.resolve_pretrained(dataset, "dataset", "dataset=<the Tiny ImageNet release folder or an "
+                                      "ImageFolder>, e.g. ../shared/data/tiny-imagenet-200")
+    # The Hub's Tiny ImageNet labels are WordNet ids without names: read them from a words.txt
+    words_file = utils.shared_dir() / WORDS_FILE
+    return hub_image_splits(load_dataset(source), seed, max_train_samples, max_eval_samples, max_classes,
+                            class_names, validation_fraction, words_file)
+
+
+# ---------------------------------------------------------------------------------------------
+# Lazy image transform: open, convert to RGB, preprocess - per batch, when read
+# ---------------------------------------------------------------------------------------------
+
+def to_rgb(image):
+    """RGB for any PIL mode: grayscale and palette images are expanded; transparent pixels
+    (RGBA, LA, palette with transparency) are laid over white instead of showing garbage."""
+    from PIL import Image
+
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def open_rgb(item):
+    """A fully decoded RGB PIL image from a path, a Hub {bytes, path} dict or a PIL image."""
+    import io
+
+    from PIL import Image
+
+    if isinstance(item, dict):
+        item = io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]
+    if isinstance(item, Image.Image):
+        return to_rgb(item)
+    with Image.open(item) as image:
+        image.load()        # decode now, so a truncated file fails here and not in the model
+        return to_rgb(image)
+
+
+def image_id(item) -> str:
+    """A name for an image: its path, or a digest of its bytes when it has none."""
+    if isinstance(item, dict):
+        return item.get("path") or "sha1:" + hashlib.sha1(item["bytes"]).hexdigest()[:16]
+    return str(item)
+
+
+def random_augment(image, rng: random.Random):
+    """A random horizontal flip and a random crop of 70-100% of each side."""
+    from PIL import Image
+
+    if rng.random() < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    width, height = image.size
+    scale = rng.uniform(0.7, 1.0)
+    crop_width, crop_height = max(1, round(width * scale)), max(1, round(height * scale))
+    left, top = rng.randint(0, width - crop_width), rng.randint(0, height - crop_height)
+    return image.crop((left, top, left + crop_width, top + crop_height))
+
+
+class ImageTransform:
+    """The batch transform for `Dataset.with_transform`: images -> `pixel_values`.
+
+    An unreadable image (corrupt, truncated, not an image) gets `pixel_values=None` and is dropped
+    by the collator, which reports it; with `on_bad_image="fail"` it raises a LabError instead.
+    With `augment_seed` (training), each image is flipped and cropped at random, drawn from
+    (seed, epoch, image) alone: no hidden RNG state, so a resumed run sees the same crops.
+    """
+
+    def __init__(self, image_processor, on_bad_image: str = "skip", augment_seed: int | None = None):
+        self.image_processor = image_processor
+        self.on_bad_image = on_bad_image
+        self.augment_seed = augment_seed
+        self.epoch = 0          # set by AugmentationEpoch as each training epoch begins
+        self.warned = set()
+
+    def __call__(self, batch: dict) -> dict:
+        from PIL import Image
+
+        images, ids = [], []
+        for item in batch["image"]:
+            ids.append(image_id(item))
+            try:
+                image = open_rgb(item)
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+                if self.on_bad_image == "fail":
+                    raise LabError(f"unreadable image {ids[-1]}: {error} (bad_images=skip skips such files)") from None
+                if ids[-1] not in self.warned:      # once per file, not once per epoch
+                    self.warned.add(ids[-1])
+                    print(f"warning: skipping unreadable image {ids[-1]}: {error}", file=sys.stderr)
+                image = None
+            if image is not None and self.augment_seed is not None:
+                image = random_augment(image, random.Random(f"{self.augment_seed}:{self.epoch}:{ids[-1]}"))
+            images.append(image)
+        readable = [image for image in images if image is not None]
+        processed = iter(self.image_processor(images=readable, return_tensors="pt")["pixel_values"] if readable else [])
+        return {"pixel_values": [next(processed) if image is not None else None for image in images],
+                "label": batch["label"], "image_id": ids}
+
+
+# ---------------------------------------------------------------------------------------------
+# Collator: pixel values + the tokens of each image's class prompt
+# ---------------------------------------------------------------------------------------------
+
+def text_max_length(model) -> int:
+    return clip_core(model).config.text_config.max_position_embeddings
+
+
+class ImageTextCollator:
+    """Stack a batch of transformed images and pair each with its class prompt.
+
+    Output: `pixel_values` (B, 3, H, W), `input_ids` / `attention_mask` (B, L) of each image's
+    prompt (`template` filled with its class name, tokenized once for all classes), `labels` (B,),
+    `kept` (which input rows were readable) and, when some were not, `skipped_images`.
+    """
+
+    def __init__(self, tokenizer, class_names: list[str], template: str = TEMPLATES["single"][0], max_length: int = 77):
+        encoded = tokenizer([template.format(name) for name in class_names], padding=True, truncation=True,
+                            max_length=max_length, return_tensors="pt")
+        self.class_input_ids = encoded["input_ids"]
+        self.class_attention_mask = encoded["attention_mask"]
+
+    def __call__(self, features: list[dict]) -> dict:
+        kept = [f["pixel_values"] is not None for f in features]
+        good = [f for f, ok in zip(features, kept) if ok]
+        if not good:
+            raise LabError(f"every image in a batch is unreadable, e.g. {features[0]['image_id']}")
+        labels = torch.tensor([int(f["label"]) for f in good], dtype=torch.long)
+        attention_mask = self.class_attention_mask[labels]
+        width = int(attention_mask.sum(1).max())      # trim the padding no prompt in this batch needs
+        batch = {"pixel_values": torch.stack([f["pixel_values"] for f in good]),
+                 "input_ids": self.class_input_ids[labels, :width], "attention_mask": attention_mask[:, :width],
+                 "labels": labels, "kept": torch.tensor(kept)}
+        skipped = [f["image_id"] for f, ok in zip(features, kept) if not ok]
+        if skipped:
+            batch["skipped_images"] = skipped
+        return batch
+
+
+# ---------------------------------------------------------------------------------------------
+# Zero-shot classification
+# ---------------------------------------------------------------------------------------------
+
+def clip_core(model):
+    """The CLIPModel inside DDP and PEFT wrappers (PEFT's adapters live inside its modules)."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def text_tower_fingerprint(model) -> str:
+    """A digest of everything the class text features depend on: the text encoder's and text
+    projection's parameters (names, storage, in-place version counters, float64 sums) and the
+    state of any adapters in them (active, disabled, merged).
+
+    An optimizer step bumps the version counters; loading, merging or swapping adapters changes
+    names or storage; the sums catch edits through `.data`, which bypass the counters.
+    """
+    core = clip_core(model)
+    digest = hashlib.sha256()
+    sums = []
+    for prefix in ("text_model", "text_projection"):
+        module = getattr(core, prefix)
+        for name, parameter in module.named_parameters():
+            digest.update(f"{prefix}.{name}:{tuple(parameter.shape)}:{parameter.dtype}:{parameter.device}:"
+                          f"{parameter.data_ptr()}:{parameter._version}|".encode())
+            sums.append(parameter.detach().sum(dtype=torch.float64))
+        for name, submodule in module.named_modules():
+            if hasattr(submodule, "active_adapters"):
+                digest.update(f"{name}:{submodule.active_adapters}:{submodule.disable_adapters}:"
+                              f"{getattr(submodule, 'merged', None)}|".encode())
+    if sums:
+        digest.update(torch.stack(sums).cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class ZeroShotClassifier:
+    """Scores images against one text feature per class.
+
+    Class features are encoded once - every (template, class) prompt in batches, each normalised,
+    averaged over templates, renormalised - and reused for every image. Before each use the text
+    tower's fingerprint is compared with the one they were encoded under; on any difference
+    (training, adapter load / merge / switch) they are encoded again, so stale features are never used.
+    """
+
+    def __init__(self, model, tokenizer, class_names: list[str], templates=TEMPLATES["single"],
+                 batch_size: int = 256):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.class_names = list(class_names)
+        self.templates = tuple(templates)
+        self.batch_size = batch_size
+        self.encodings = 0          # how often the class features were (re-)encoded
+        self._features = None
+        self._fingerprint = None
+
+    @property
+    def device(self):
+        return next(clip_core(self.model).parameters()).device
+
+    def class_features(self) -> torch.Tensor:
+        """(num_classes, dim) unit vectors, encoded again whenever the text tower changed."""
+        fingerprint = text_tower_fingerprint(self.model)
+        if fingerprint != self._fingerprint:
+            self._features = self._encode()
+            self._fingerprint = fingerprint
+            self.encodings += 1
+        return self._features
+
+    def _encode(self) -> torch.Tensor:
+        core = clip_core(self.model)
+        prompts = [template.format(name) for template in self.templates for name in self.class_names]
+        was_training = core.training
+        core.eval()
+        features = []
+        with torch.inference_mode():
+            for start in range(0, len(prompts), self.batch_size):
+                tokens = self.tokenizer(prompts[start:start + self.batch_size], padding=True, truncation=True,
+                                        max_length=text_max_length(core), return_tensors="pt").to(self.device)
+                text = core.get_text_features(input_ids=tokens["input_ids"],
+                                              attention_mask=tokens["attention_mask"]).pooler_output
+                features.append(F.normalize(text.float(), dim=-1))
+        core.train(was_training)
+        per_template = torch.cat(features).view(len(self.templates), len(self.class_names), -1)
+        return F.normalize(per_template.mean(0), dim=-1)
+
+    def image_logits(self, pixel_values: torch.Tensor, class_features: torch.Tensor) -> torch.Tensor:
+        """(batch, num_classes) scaled cosine similarities against given class features."""
+        core = clip_core(self.model)
+        image = core.get_image_features(pixel_values=pixel_values.to(self.device)).pooler_output
+        return core.logit_scale.exp().float() * F.normalize(image.float(), dim=-1) @ class_features.T
+
+    def logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.image_logits(pixel_values, self.class_features())
+
+
+@dataclass
+class ZeroShotResult:
+    metrics: dict                   # accuracy, top5_accuracy, macro/weighted P/R/F1, mean_per_class_recall
+    labels: np.ndarray              # (n,) true class of each readable image
+    top_k: np.ndarray               # (n, k) best classes, best first
+    rows: np.ndarray                # (n,) dataset row of each readable image
+    confusion: np.ndarray
+    per_class_recall: np.ndarray
+    most_confused: list
+    skipped_images: list = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def predictions(self) -> np.ndarray:
+        return self.top_k[:, 0]
+
+    @property
+    def images_per_second(self) -> float:
+        return round(len(self.labels) / self.seconds, 1) if self.seconds else float("nan")
+
+
+def zero_shot_metrics(labels, top_k, label_names: list[str]) -> tuple[dict, np.ndarray, np.ndarray, list]:
+    """(metrics, confusion matrix, per-class recall, most-confused pairs) from true labels and
+    each image's top-5 class ids (best first). Only these ids are kept, never all logits."""
+    labels, top_k = np.asarray(labels), np.asarray(top_k)
+    predictions = top_k[:, 0]
+    metrics = evaluate.classification_metrics(labels, predictions)
+    # named top-5 whatever k is: with fewer than 5 classes it counts all of them
+    metrics["top5_accuracy"] = float((top_k == labels[:, None]).any(axis=1).mean())
+    matrix = evaluate.confusion(labels, predictions, len(label_names))
+    recall = evaluate.per_class_recall(matrix)
+    metrics["mean_per_class_recall"] = float(np.nanmean(recall))
+    return metrics, matrix, recall, evaluate.most_confused_pairs(matrix, label_names, top=10)
+
+
+def evaluate_zero_shot(classifier: ZeroShotClassifier, dataset, collator, batch_size: int = 64,
+                       num_workers: int = 0, desc: str = "zero-shot", top_k: int = 5) -> ZeroShotResult:
+    """Classify every image of a transformed dataset. Memory is bounded by one batch: per image
+    only its label and top-k class ids are kept."""
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator, num_workers=num_workers)
+    k = min(top_k, len(classifier.class_names))
+    labels, best, rows, skipped = [], [], [], []
+    start = time.perf_counter()
+    class_features = classifier.class_features()
+    offset = 0
+    with torch.inference_mode():
+        for batch in tqdm(loader, desc=desc, unit="batch"):
+            logits = classifier.image_logits(batch["pixel_values"], class_features)
+            best.append(logits.topk(k, dim=-1).indices.cpu().numpy())
+            labels.append(batch["labels"].numpy())
+            rows.append(offset + np.flatnonzero(batch["kept"].numpy()))
+            offset += len(batch["kept"])
+            skipped += batch.get("skipped_images", [])
+    seconds = time.perf_counter() - start
+    labels, best = np.concatenate(labels), np.concatenate(best)
+    metrics, matrix, recall, pairs = zero_shot_metrics(labels, best, classifier.class_names)
+    return ZeroShotResult(metrics, labels, best, np.concatenate(rows), matrix, recall, pairs, skipped, seconds)
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses and the trainer
+# ---------------------------------------------------------------------------------------------
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
+
+
+def gather_with_grad(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Every process's rows in rank order, and where this process's rows start. Gradients flow
+    back to each process's own rows (torch.distributed.nn); processes may hold different counts."""
+    import torch.distributed as dist
+    import torch.distributed.nn
+
+    size = torch.tensor([len(tensor)], device=tensor.device)
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, size)
+    sizes = [int(s) for s in sizes]
+    padded = F.pad(tensor, (0, 0, 0, max(sizes) - len(tensor)))
+    gathered = torch.distributed.nn.all_gather(padded)
+    return torch.cat([part[:n] for part, n in zip(gathered, sizes)]), sum(sizes[:dist.get_rank()])
+
+
+def clip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """CLIP's symmetric cross-entropy: image i belongs with text i, every other text in the batch
+    is a negative (and vice versa). Embeddings are unit vectors. Under DDP this process's rows are
+    scored against the features of all processes."""
+    scale = logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+    all_images, all_texts, offset = image_embeds, text_embeds, 0
+    if _distributed():
+        all_images, offset = gather_with_grad(image_embeds)
+        all_texts, _ = gather_with_grad(text_embeds)
+    targets = torch.arange(len(image_embeds), device=image_embeds.device) + offset
+    image_to_text = scale * image_embeds @ all_texts.T
+    text_to_image = scale * text_embeds @ all_images.T
+    return (F.cross_entropy(image_to_text, targets) + F.cross_entropy(text_to_image, targets)) / 2
+
+
+def class_loss(image_embeds: torch.Tensor, class_embeds: torch.Tensor, labels: torch.Tensor,
+               logit_scale: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each image against every class's text embedding: images of the same class
+    in a batch are never each other's negatives."""
+    scale = logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+    return F.cross_entropy(scale * image_embeds @ class_embeds.T, labels)
+
+
+def _finite_everywhere(loss: torch.Tensor) -> bool:
+    """Whether the loss is finite in every process: all stop together, none waits on the others."""
+    finite = torch.isfinite(loss.detach()).float()
+    if _distributed():
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    return bool(finite)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; raised before the backward pass so the weights stay good."""
+
+
+class CLIPTrainer(Trainer):
+    """Trainer for a CLIPModel (plain or with PEFT adapters).
+
+    loss="clip": the symmetric in-batch contrastive loss (each image's own class prompt as its text).
+    loss="class": each image against all class prompts (tokens from the collator), so same-class
+    images are not false negatives. Evaluation is zero-shot classification through `zero_shot`,
+    whose class features are re-encoded after every change to the text tower.
+    """
+
+    loss_is_scaled_for_ga = False     # compute_loss returns a per-batch mean
+
+    def __init__(self, *args, loss: str = "clip", zero_shot: ZeroShotClassifier | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if loss not in ("clip", "class"):
+            raise LabError(f"loss must be 'clip' or 'class', got {loss!r}")
+        self.loss = loss
+        self.zero_shot = zero_shot
+        self.skipped_images = set()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self.skipped_images.update(inputs.get("skipped_images", []))
+        if self.loss == "class":
+            device = inputs["pixel_values"].device
+            text = {"input_ids": self.data_collator.class_input_ids.to(device),
+                    "attention_mask": self.data_collator.class_attention_mask.to(device)}
+        else:
+            text = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+        # one forward through the (possibly DDP-wrapped) model, so gradient sync hooks run
+        outputs = model(pixel_values=inputs["pixel_values"], **text)
+        logit_scale = clip_core(model).logit_scale
+        if self.loss == "class":
+            loss = class_loss(outputs.image_embeds, outputs.text_embeds, inputs["labels"], logit_scale)
+        else:
+            loss = clip_loss(outputs.image_embeds, outputs.text_embeds, logit_scale)
+        if not _finite_everywhere(loss):
+            raise NonFiniteLossError(f"the {self.loss} loss is {loss.item()} at step {self.state.global_step + 1}")
+        return (loss, outputs) if return_outputs else loss
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
+        """Zero-shot classification of the eval set with freshly encoded class features."""
+        if self.zero_shot is None:
+            raise LabError("CLIPTrainer evaluates through zero-shot classification: pass zero_shot=ZeroShotClassifier(...)")
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        result = evaluate_zero_shot(self.zero_shot, dataset, self.data_collator, self.args.per_device_eval_batch_size,
+                                    self.args.dataloader_num_workers, desc=f"zero-shot eval (step {self.state.global_step})")
+        metrics = {f"{metric_key_prefix}_{name}": value for name, value in result.metrics.items()}
+        metrics[f"{metric_key_prefix}_images_per_second"] = result.images_per_second
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+
+class AugmentationEpoch(TrainerCallback):
+    """Tells the training ImageTransform which epoch begins (also when resuming mid-epoch), before
+    the epoch's data loader starts: new crops every epoch, the same ones in every run."""
+
+    def __init__(self, transform: ImageTransform):
+        self.transform = transform
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.transform.epoch = int(state.epoch + 1e-6)
+
+
+class StopOnSignal(TrainerCallback):
+    """SIGINT / SIGTERM during `with stop: trainer.train()`: the step in flight finishes, a checkpoint
+    is saved, training stops. A second signal gets the default behaviour (stop at once)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():    # handlers can only be set there
+            self._previous = {number: signal.signal(number, self._handle) for number in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info):
+        self._restore()
+
+    def _restore(self):
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous = {}
+
+    def _handle(self, number, frame):
+        self.received = signal.Signals(number).name
+        print(f"\n{self.received} received: saving a checkpoint after this step, then stopping "
+              f"(send it again to stop at once, without one)", file=sys.stderr, flush=True)
+        self._restore()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.received:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.received:       # no end-of-epoch evaluation after an interruption: the user wants out
+            control.should_evaluate = False
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading a CLIP, and building a small random-weight one
+# ---------------------------------------------------------------------------------------------
+
+def load_clip(model_name: str, trust_remote_code: bool = False):
+    """(CLIPModel, tokenizer, image processor) from a Hub id or a local folder.
+
+    The image processor is the PIL one (no torchvision needed), configured from the checkpoint.
+    """
+    from transformers import AutoConfig, CLIPImageProcessorPil, CLIPModel
+
+    source = utils.resolve_pretrained(model_name, "model", "model_name=<a local CLIP folder>, e.g. one made by "
+                                      "`python clip.py build-tiny models/tiny-clip`")
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise LabError(f"{model_name} has no usable model config: {error}") from None
+    if config.model_type != "clip":
+        raise LabError(f"{model_name} is a {config.model_type} model; exercise 3 needs a CLIP model with image and "
+                       f"text towers, e.g. openai/clip-vit-base-patch16 or a folder from `python clip.py build-tiny`")
+    tokenizer = utils.load_tokenizer(source, trust_remote_code)
+    try:
+        image_processor = CLIPImageProcessorPil.from_pretrained(source)
+    except (OSError, ValueError, TypeError) as error:
+        raise LabError(f"no image processor (preprocessor_config.json) in {model_name}: {error}") from None
+    model = CLIPModel.from_pretrained(source, trust_remote_code=trust_remote_code)
+    return model, tokenizer, image_processor
+
+
+TINY_CLIP = {
+    "tokenizer_dir": None,      # None = <shared>/models/clip-tokenizer (the real CLIP vocabulary)
+    "image_size": 32,
+    "patch_size": 8,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "layers": 2,
+    "heads": 2,
+    "projection_dim": 64,
+    "seed": 0,
+}
+
+
+def build_tiny_clip(folder: Path, **overrides) -> Path:
+    """Save a small random-weight CLIPModel with the real CLIP tokenizer and a PIL image
+    processor for `image_size` inputs to `folder`, loadable as model_name=<folder>."""
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    spec = {**TINY_CLIP, **overrides}
+    tokenizer_dir = Path(spec["tokenizer_dir"] or utils.shared_dir() / TOKENIZER_DIR)
+    if not (tokenizer_dir / "vocab.json").exists() or not (tokenizer_dir / "merges.txt").exists():
+        raise LabError(f"no CLIP tokenizer files (vocab.json, merges.txt) in {tokenizer_dir}; "
+                       f"set LAB_SHARED_DIR or tokenizer_dir=<folder>")
+    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir), model_max_length=77)
+    size = spec["image_size"]
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    tower = {"hidden_size": spec["hidden_size"], "intermediate_size": spec["intermediate_size"],
+             "num_hidden_layers": spec["layers"], "num_attention_heads": spec["heads"]}
+    config = CLIPConfig(
+        text_config={**tower, "vocab_size": len(tokenizer), "max_position_embeddings": 77,
+                     "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                     "pad_token_id": tokenizer.pad_token_id},
+        vision_config={**tower, "image_size": size, "patch_size": spec["patch_size"]},
+        projection_dim=spec["projection_dim"])
+    torch.manual_seed(spec["seed"])
+    folder = Path(folder)
+    CLIPModel(config).save_pretrained(folder)
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
+def cli(argv: list[str]) -> None:
+    """`python clip.py build-tiny <folder> [key=value ...]` (keys: see TINY_CLIP)."""
+    if len(argv) < 2 or argv[0] != "build-tiny":
+        raise LabError("usage: python clip.py build-tiny <folder> [" + " ".join(f"{k}={v}" for k, v in TINY_CLIP.items()) + "]")
+    spec = utils.parse_config(TINY_CLIP, argv[2:], positive=tuple(k for k in TINY_CLIP if k not in ("tokenizer_dir", "seed")),
+                              script="clip.py build-tiny <folder>")
+    folder = build_tiny_clip(Path(argv[1]), **spec)
+    print(f"tiny random-weight CLIP ({spec['image_size']} px images) saved to {folder}; use model_name={folder}")
+
+
+if __name__ == "__main__":
+    utils.run_cli(cli)

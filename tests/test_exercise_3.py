@@ -1,0 +1,175 @@
+"""Exercise 3 end to end on a tiny random-weight CLIP: a smoke run with both loggers and every
+output, refusals (a text-only model, bad config), unreadable images skipped and counted or fatal,
+interruption and resume, the NaN guard, and (slow) the learning check on 10 real Tiny ImageNet classes."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+import clip
+import exercise_3
+import utils
+from test_clip import image_folder, write_truncated_jpeg
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from a second thread and lose ~10x when the cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory, clip_tokenizer_dir):
+    return clip.build_tiny_clip(tmp_path_factory.mktemp("tiny-clip"), tokenizer_dir=str(clip_tokenizer_dir))
+
+
+def tiny_args(model, dataset, output_dir, **overrides) -> list[str]:
+    """A few seconds: 4 classes, 32 training images, 16 validation images, 4 steps of 8."""
+    config = {"model_name": model, "dataset": dataset, "output_dir": output_dir, "max_classes": 4,
+              "max_train_samples": 32, "max_eval_samples": 16, "batch_size": 8, "eval_batch_size": 16,
+              "max_steps": 4, "learning_rate": 1e-2, "warmup": 0, "logging_steps": 2, "save_steps": 100,
+              "num_sample_images": 4, "wandb_mode": "disabled", "tensorboard": False, "seed": 0}
+    config.update(overrides)
+    return [f"{key}={value}" for key, value in config.items()]
+
+
+def read_results(run_dir) -> dict:
+    return json.loads((run_dir / "results.json").read_text())
+
+
+class SignalAtStep(TrainerCallback):
+    """Sends this process a real signal once training reaches `step`."""
+
+    def __init__(self, step: int, number: int):
+        self.step, self.number = step, number
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), self.number)
+
+
+class PoisonTextAtStep(TrainerCallback):
+    """Fills the token embeddings with NaN after `step`, so the next loss is NaN."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step:
+            with torch.no_grad():
+                clip.clip_core(model).text_model.embeddings.token_embedding.weight.fill_(float("nan"))
+
+
+def test_smoke_main_writes_both_stages_logs_and_plots(tiny_clip_dir, tiny_imagenet_dir, tmp_path):
+    run_dir = exercise_3.main(tiny_args(tiny_clip_dir, tiny_imagenet_dir, tmp_path, run_name="smoke",
+                                        eval_strategy="steps", eval_steps=2, tensorboard=True,
+                                        wandb_mode="offline", prompts="ensemble"))
+    results = read_results(run_dir)
+    assert set(results["metrics"]) == {"zero_shot", "lora"}
+    for stage in ("zero_shot", "lora"):
+        values = results["metrics"][stage]["validation"]
+        for name in ("accuracy", "top5_accuracy", "precision_macro", "recall_macro", "f1_macro",
+                     "mean_per_class_recall"):
+            assert 0 <= values[name] <= 1, (stage, name)
+    model = results["model"]
+    # r=8 on q_proj and v_proj of 2 layers in each tower of width 64: 2 * 2 * 2 * (64 * 8 + 8 * 64)
+    assert model["trainable_parameters"] == 8192
+    assert model["total_parameters"] == model["parameters"] + 8192
+    assert {"load_data", "load_model", "zero_shot", "train", "evaluate", "total"} <= set(results["timing"])
+    # class features: before training, at the evaluations of steps 2 and 4; the final stage reuses step 4's
+    assert results["class_feature_encodings"] == 3
+    assert [entry["step"] for entry in results["log_history"] if "eval_accuracy" in entry] == [2, 4]
+    assert results["skipped_images"]["count"] == 0 and results["images_per_second"]["zero_shot"] > 0
+    assert len(results["prompts"]) == len(clip.TEMPLATES["ensemble"])
+    for name in ("per_class_accuracy_change.png", "sample_predictions.png", "training_curves.png",
+                 "confusion_lora_validation.png", "adapter/adapter_model.safetensors"):
+        assert (run_dir / name).exists(), name
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((run_dir / "wandb").glob("offline-run-*"))           # W&B offline, inside the run folder
+
+
+def test_text_only_model_and_bad_config_are_refused(tmp_path, tiny_clip_dir, tiny_imagenet_dir):
+    from transformers import DistilBertConfig
+
+    text_model = tmp_path / "distilbert"
+    DistilBertConfig(n_layers=1, dim=32, hidden_dim=64, n_heads=2).save_pretrained(text_model)
+    output = tmp_path / "runs"
+    with pytest.raises(utils.LabError, match="distilbert model; exercise 3 needs a CLIP"):
+        exercise_3.main(tiny_args(text_model, tiny_imagenet_dir, output))
+    assert not output.exists()                                         # refused before any run folder
+    for bad, message in (("lora.towers=neck", "lora.towers"), ("train_template=a photo", "train_template"),
+                         ("loss=triplet", "loss"), ("max_classes=0", "max_classes"),
+                         ("resume=True", "run_name")):
+        with pytest.raises(utils.LabError, match=message):
+            exercise_3.main([*tiny_args(tiny_clip_dir, tiny_imagenet_dir, output), bad])
+
+
+def test_unreadable_images_are_skipped_and_counted_or_fatal(tmp_path, tiny_clip_dir, capsys):
+    data = image_folder(tmp_path / "images", per_class=4)
+    bad_train = write_truncated_jpeg(data / "train" / "zebra" / "cut.jpg")
+    bad_val = write_truncated_jpeg(data / "val" / "tabby_cat" / "cut.jpg")
+    args = tiny_args(tiny_clip_dir, data, tmp_path / "runs", max_train_samples=None, max_eval_samples=None,
+                     batch_size=13, max_steps=2)                       # 13 training images: each step sees all
+    results = read_results(exercise_3.main(args))
+    assert results["skipped_images"] == {"count": 2, "files": sorted([str(bad_train), str(bad_val)]), "policy": "skip"}
+    assert results["data_sizes"] == {"train": 13, "validation": 7}
+    assert sum(sum(row) for row in results["confusion_matrices"]["lora"]) == 6    # the readable ones
+    assert "2 unreadable images were skipped" in capsys.readouterr().err
+    with pytest.raises(utils.LabError, match="cut.jpg"):
+        exercise_3.main([*args, "bad_images=fail"])
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(tiny_clip_dir, tiny_imagenet_dir, tmp_path):
+    args = tiny_args(tiny_clip_dir, tiny_imagenet_dir, tmp_path, max_steps=6)
+    full = exercise_3.main([*args, "run_name=full"])
+    with pytest.raises(SystemExit) as stopped:
+        exercise_3.main([*args, "run_name=cut"], callbacks=[SignalAtStep(3, signal.SIGTERM)])
+    assert stopped.value.code == 128 + signal.SIGTERM
+    cut = tmp_path / "cut"
+    assert (cut / "checkpoints" / "checkpoint-3" / "adapter_model.safetensors").exists()
+    assert not (cut / "results.json").exists()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL          # handler restored
+    resumed = exercise_3.main([*args, "run_name=cut", "resume=True"])
+    assert resumed == cut and read_results(cut)["training"]["resumed_from"].endswith("checkpoint-3")
+    assert read_results(cut)["metrics"] == read_results(full)["metrics"]
+    ours, reference = (load_file(str(run / "adapter" / "adapter_model.safetensors")) for run in (cut, full))
+    assert ours.keys() == reference.keys()
+    assert all(torch.equal(ours[name], reference[name]) for name in ours)
+
+
+def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_clip_dir, tiny_imagenet_dir, tmp_path):
+    args = tiny_args(tiny_clip_dir, tiny_imagenet_dir, tmp_path, run_name="poisoned", max_steps=6, save_steps=2)
+    handlers = [signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)]
+    with pytest.raises(utils.LabError, match=r"loss is nan at step 4.*checkpoint-2"):
+        exercise_3.main(args, callbacks=[PoisonTextAtStep(3)])
+    assert [signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)] == handlers
+    checkpoints = sorted(path.name for path in (tmp_path / "poisoned" / "checkpoints").glob("checkpoint-*"))
+    assert checkpoints == ["checkpoint-2"]
+
+
+@pytest.mark.slow
+def test_learning_check_lifts_accuracy_to_three_times_chance(tmp_path, clip_tokenizer_dir, tiny_imagenet_dir):
+    """The small random-weight CLIP, LoRA (r=16 on q_proj and v_proj of both towers) plus both
+    projection layers, the in-batch CLIP loss, 600 steps of 32 on 10 classes x 50 real images."""
+    model = clip.build_tiny_clip(tmp_path / "tiny-clip-p4", tokenizer_dir=str(clip_tokenizer_dir), patch_size=4)
+    run_dir = exercise_3.main(tiny_args(
+        model, tiny_imagenet_dir, tmp_path, run_name="learn", max_classes=10, max_train_samples=None,
+        max_eval_samples=None, batch_size=32, eval_batch_size=100, max_steps=600, learning_rate=2e-3, warmup=20,
+        logging_steps=50, save_steps=1000, **{"lora.r": 16, "lora.alpha": 32,
+                                              "lora.modules_to_save": "visual_projection,text_projection"}))
+    results = read_results(run_dir)
+    before = results["metrics"]["zero_shot"]["validation"]["accuracy"]
+    after = results["metrics"]["lora"]["validation"]["accuracy"]
+    print(f"learning check: validation accuracy {before:.3f} -> {after:.3f} (chance 0.100), "
+          f"trainable {results['model']['trainable_parameters']:,} of {results['model']['total_parameters']:,}")
+    assert results["data_sizes"] == {"train": 500, "validation": 500}
+    assert after >= 0.30 and after > before
