@@ -27,6 +27,18 @@ def offline_env() -> None:
         os.environ.setdefault(key, value)
 
 
+def add_threads_argument(parser) -> None:
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core); 1 keeps "
+                        "numbers usable on a machine other jobs are loading")
+
+
+def set_threads(threads: int | None) -> None:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def matmul_parameters(model) -> tuple[int, int]:
     """(per-token, per-sequence) weight counts of the model's nn.Linear layers."""
     import torch
@@ -71,11 +83,33 @@ def matmul_flops_per_s(size: int = 2048, repeats: int = 5) -> float:
     return 2 * size ** 3 / best
 
 
+def _busy_cpu_seconds() -> float:
+    """CPU seconds all processes on this machine have spent busy since boot (Linux /proc/stat)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+
+
+def _own_cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
+
+
+_START = (time.monotonic(), _busy_cpu_seconds(), _own_cpu_seconds())
+
+
+def other_load() -> float:
+    """Cores kept busy by other processes since this bench started: how noisy its numbers are."""
+    elapsed = time.monotonic() - _START[0]
+    others = (_busy_cpu_seconds() - _START[1]) - (_own_cpu_seconds() - _START[2])
+    return max(others, 0.0) / max(elapsed, 1e-9)
+
+
 def machine() -> dict:
     import torch
 
     return {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "load_1min": round(os.getloadavg()[0], 2)}
+            "torch": torch.__version__, "load_1min": round(os.getloadavg()[0], 2),
+            "other_processes_cores_busy": round(other_load(), 2)}
 
 
 def _cpu_name() -> str:

