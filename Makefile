@@ -27,5 +27,14 @@ test: setup
 test-all: setup
 	$(BIN)/python -m pytest $(ARGS)
 
+# make bench     the four benchmarks (offline, CPU), one JSON line each, appended to bench/results/<name>.jsonl
+#                (ARGS=--smoke for a quick check); exits non-zero if a bench crashed
+bench: setup
+	@mkdir -p bench/results
+	@status=0; for name in features finetune zeroshot eval_memory; do \
+		$(BIN)/python bench/$$name.py --results-file bench/results/$$name.jsonl $(ARGS) 2>bench/results/$$name.log \
+			|| { echo "bench/$$name.py failed: see bench/results/$$name.log"; status=1; }; \
+	done; exit $$status
+
 clean:
 	rm -rf runs .pytest_cache
