@@ -344,23 +344,28 @@ def evaluate_stage(trainer, datasets) -> tuple[dict, dict, dict]:
     return metrics, outputs, speed
 
 
+def peak_memory(device: str) -> dict:
+    """Peak resident memory of this process (and of the GPU's allocator), in MB."""
+    import resource
+
+    import torch
+
+    memory = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}  # KB on Linux
+    if device == "cuda":
+        memory["peak_cuda_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
+    return memory
+
+
 def main(argv: list[str] | None = None, callbacks=()):
     """Run exercise 2; `callbacks`: extra TrainerCallbacks (e.g. EarlyStoppingCallback)."""
     from accelerate import PartialState
 
-    # 1. config, and one run folder for all processes (torchrun has already started them)
+    # 1. config; torchrun has already started the processes, PartialState joins them up
     config = utils.parse_config(CONFIG, argv or [], CHOICES, POSITIVE, "exercise_2.py")
     check_config(config)
     device = utils.best_device()
     distributed = PartialState(cpu=device == "cpu")
     main_process = distributed.is_main_process
-    run_dir = shared_run_dir(config, distributed)
-    report_to = reporters(config)
-    utils.configure_wandb_env(config, run_dir, "exercise_2")
-    if config["tensorboard"]:
-        os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")  # read by the Trainer's callback
-    # the W&B run is started here, on the main process only; the Trainer's WandbCallback logs into it
-    loggers = utils.RunLoggers(run_dir, config, "exercise_2") if main_process else None
     timing = {}
     start = time.perf_counter()
 
@@ -386,7 +391,16 @@ def main(argv: list[str] | None = None, callbacks=()):
     with utils.timed(timing, "tokenize"):
         tokenized = tokenize(data, tokenizer, config["max_length"])
 
-    # 5. the Trainer: best checkpoint by validation metric, metrics from evaluate.py
+    # 5. the run folder (one for all processes) and loggers, once data and model are in hand; the W&B
+    # run is started here on the main process, and the Trainer's WandbCallback logs into it
+    run_dir = shared_run_dir(config, distributed)
+    report_to = reporters(config)
+    utils.configure_wandb_env(config, run_dir, "exercise_2")
+    if config["tensorboard"]:
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")  # read by the Trainer's callback
+    loggers = utils.RunLoggers(run_dir, config, "exercise_2") if main_process else None
+
+    # 6. the Trainer: best checkpoint by validation metric, metrics from evaluate.py
     guard = TrainingGuard()
     trainer = make_trainer(
         guard, model=model, args=training_arguments(config, run_dir, report_to, device),
@@ -394,13 +408,13 @@ def main(argv: list[str] | None = None, callbacks=()):
         data_collator=make_collator(tokenizer, device), compute_metrics=evaluate.compute_metrics,
         preprocess_logits_for_metrics=evaluate.preprocess_logits_for_metrics, callbacks=callbacks)
 
-    # 6. the `pretrained` stage: the same model before any training
+    # 7. the `pretrained` stage: the same model before any training
     metrics, outputs, speed = {}, {}, {}
     if config["evaluate_pretrained"]:
         with utils.timed(timing, "pretrained"):
             metrics["pretrained"], outputs["pretrained"], speed["pretrained"] = evaluate_stage(trainer, tokenized)
 
-    # 7. train, from the newest checkpoint when resuming
+    # 8. train, from the newest checkpoint when resuming
     checkpoint = latest_checkpoint(run_dir) if config["resume"] else None
     if config["resume"] and main_process:
         print(f"resuming from {checkpoint}" if checkpoint else f"resume: no checkpoint in {run_dir}; starting afresh")
@@ -409,14 +423,14 @@ def main(argv: list[str] | None = None, callbacks=()):
     if guard.stopped == "nonfinite" or guard.signal_number is not None:
         stop_early(guard, trainer, run_dir, config, loggers)
 
-    # 8. the `fine_tuned` stage: the best checkpoint (loaded by the Trainer) on validation and test
+    # 9. the `fine_tuned` stage: the best checkpoint (loaded by the Trainer) on validation and test
     with utils.timed(timing, "evaluate"):
         metrics["fine_tuned"], outputs["fine_tuned"], speed["fine_tuned"] = evaluate_stage(trainer, tokenized)
     timing["total"] = round(time.perf_counter() - start, 3)
     if not main_process:
         return run_dir
 
-    # 9. results file, plots and summary (main process only)
+    # 10. results file, plots and summary (main process only)
     matrices, reports = {}, {}
     for stage, splits in outputs.items():
         matrices[stage] = {split: evaluate.confusion(labels, predicted, len(label_names)).tolist()
@@ -447,7 +461,8 @@ def main(argv: list[str] | None = None, callbacks=()):
         throughput={"train_samples_per_second": train_metrics.get("train_samples_per_second"),
                     "eval_samples_per_second": speed},
         confusion_matrices=matrices, classification_reports=reports,
-        data_sizes={split: len(dataset) for split, dataset in data.items()}, log_history=trainer.state.log_history)
+        data_sizes={split: len(dataset) for split, dataset in data.items()}, memory=peak_memory(device),
+        log_history=trainer.state.log_history)
     loggers.finish()
     print(f"\n{evaluate.results_table(metrics)}\n\nbest checkpoint: {best}\n"
           f"train: {train_metrics.get('train_samples_per_second')} samples/s over {timing['train']:.0f} s\n"

@@ -125,6 +125,18 @@ def test_config_errors_name_the_key(tmp_path):
         exercise_2.main([f"output_dir={tmp_path}", "lora.dropout=1.5"])
 
 
+def test_bad_inputs_fail_before_a_run_folder_exists(tiny_distilbert, rt_dir, tmp_path):
+    from transformers import CLIPConfig
+
+    with pytest.raises(utils.LabError, match="does not exist"):
+        exercise_2.main(tiny_args(tiny_distilbert, tmp_path / "no-such-data", tmp_path / "runs"))
+    clip = tmp_path / "clip"
+    CLIPConfig().save_pretrained(clip)
+    with pytest.raises(utils.LabError, match="vision"):
+        exercise_2.main(tiny_args(str(clip), rt_dir, tmp_path / "runs"))
+    assert not (tmp_path / "runs").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # Whole runs on the tiny random DistilBERT
 # ---------------------------------------------------------------------------------------------
@@ -221,6 +233,16 @@ def test_torchrun_two_cpu_processes_write_one_result(tiny_distilbert, tmp_path):
     matrix = np.asarray(results["confusion_matrices"]["fine_tuned"]["test"])
     assert matrix.shape == (4, 4) and matrix.sum() == results["data_sizes"]["test"]  # each example once
     assert len(list(results_files[0].parent.glob("wandb/offline-run-*"))) == 1
+
+    # the loss is the per-example mean, as in one process (transformers 5.x would scale it by the
+    # number of processes for models that take loss kwargs)
+    utils.set_seed(0)
+    model, tokenizer = exercise_2.load_classifier(tiny_distilbert, results["label_names"])
+    test = utils.load_text_dataset(str(dataset), "sentence", "topic", seed=0, max_train_samples=96)["test"]
+    batch = tokenizer(list(test["text"]), truncation=True, max_length=128, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        loss = model.eval()(**batch, labels=torch.tensor(list(test["label"]))).loss.item()
+    assert results["metrics"]["pretrained"]["test"]["loss"] == pytest.approx(loss, rel=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------
