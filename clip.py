@@ -686,7 +686,7 @@ class StopOnSignal(TrainerCallback):
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
-        self.received = None
+        self.received = None        # the signal's name; under DDP, the one any process received
         self._previous = {}
 
     def __enter__(self):
@@ -709,6 +709,10 @@ class StopOnSignal(TrainerCallback):
         self._restore()
 
     def on_step_end(self, args, state, control, **kwargs):
+        if _distributed():      # all processes stop at the same step, or the checkpoint's collectives hang
+            number = torch.tensor(signal.Signals[self.received].value if self.received else 0, device=args.device)
+            torch.distributed.all_reduce(number, op=torch.distributed.ReduceOp.MAX)
+            self.received = signal.Signals(int(number)).name if int(number) else None
         if self.received:
             control.should_save = True
             control.should_training_stop = True

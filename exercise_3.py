@@ -91,8 +91,10 @@ POSITIVE = ("max_classes", "max_train_samples", "max_eval_samples", "eval_batch_
             "logging_steps", "save_steps", "save_total_limit", "lora.r", "lora.alpha")
 
 
-def check_config(config: dict) -> None:
+def check_config(config: dict, device: str) -> None:
     """The checks parse_config's `positive` cannot express."""
+    if config["mixed_precision"] in ("bf16", "fp16") and device != "cuda":
+        raise utils.LabError(f"mixed_precision={config['mixed_precision']} needs a CUDA GPU; use auto or no on {device}")
     for key in ("weight_decay", "warmup", "max_grad_norm", "dataloader_num_workers", "num_sample_images"):
         if config[key] < 0:
             raise utils.LabError(f"{key!r} must be >= 0, got {config[key]!r}")
@@ -108,8 +110,6 @@ def training_arguments(config: dict, run_dir: Path, device: str):
     from transformers import TrainingArguments
 
     precision = config["mixed_precision"]
-    if precision in ("bf16", "fp16") and device != "cuda":
-        raise utils.LabError(f"mixed_precision={precision} needs a CUDA GPU; use auto or no on {device}")
     if precision == "auto":
         precision = "bf16" if device == "cuda" else "no"
     report_to = [name for name, on in (("tensorboard", config["tensorboard"]),
@@ -130,6 +130,19 @@ def training_arguments(config: dict, run_dir: Path, device: str):
         remove_unused_columns=False, label_names=["labels"],
         dataloader_num_workers=config["dataloader_num_workers"], dataloader_pin_memory=device == "cuda",
         use_cpu=device == "cpu")
+
+
+def shared_run_dir(config: dict, state) -> Path:
+    """The run folder, made by the main process and broadcast, so every process writes the same one."""
+    from accelerate.utils import broadcast_object_list
+
+    run_dir = [None]
+    if state.is_main_process:
+        run_dir[0] = utils.prepare_run_dir(config["output_dir"], config["run_name"], "exercise_3", config["overwrite"],
+                                           resume=config["resume"])
+    if state.num_processes > 1:
+        broadcast_object_list(run_dir)
+    return Path(run_dir[0])
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
@@ -190,12 +203,17 @@ def plot_sample_predictions(raw_dataset, results: dict, names: list[str], path: 
 
 def main(argv: list[str] | None = None, callbacks=()):
     """Run exercise 3; `callbacks`: extra TrainerCallbacks (e.g. EarlyStoppingCallback)."""
-    # 1. config
+    from accelerate import PartialState
+
+    # 1. config; under torchrun every process runs all of this, only the main one writes results
     config = utils.parse_config(CONFIG, argv or [], CHOICES, POSITIVE, "exercise_3.py")
-    check_config(config)
+    device = utils.best_device()
+    check_config(config, device)
     utils.set_seed(config["seed"])
     timing = {}
     start = time.perf_counter()
+    distributed = PartialState(cpu=device == "cpu")
+    main_process = distributed.is_main_process
 
     # 2. data: file paths and labels only; images are opened batch by batch when read
     with utils.timed(timing, "load_data"):
@@ -208,15 +226,14 @@ def main(argv: list[str] | None = None, callbacks=()):
     # 3. the model (checked before a run folder exists: a text-only model is refused here)
     with utils.timed(timing, "load_model"):
         model, tokenizer, image_processor = clip.load_clip(config["model_name"], config["trust_remote_code"])
-    device = utils.best_device()
-    model.to(device)
+    model.to(distributed.device)
     base_parameters = utils.count_parameters(model)[1]
-    run_dir = utils.prepare_run_dir(config["output_dir"], config["run_name"], "exercise_3", config["overwrite"],
-                                    resume=config["resume"])
+    run_dir = shared_run_dir(config, distributed)
+    utils.configure_wandb_env(config, run_dir, "exercise_3")
     if config["tensorboard"]:
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")  # read by the Trainer's callback
     # the W&B run starts here (offline into the run folder); the Trainer's WandbCallback logs into it
-    loggers = utils.RunLoggers(run_dir, config, "exercise_3")
+    loggers = utils.RunLoggers(run_dir, config, "exercise_3") if main_process else None
     evaluation = data["validation"].with_transform(clip.ImageTransform(image_processor, config["bad_images"]))
     train_transform = clip.ImageTransform(image_processor, config["bad_images"],
                                           augment_seed=config["seed"] if config["augment"] else None)
@@ -249,28 +266,34 @@ def main(argv: list[str] | None = None, callbacks=()):
         with utils.timed(timing, "train"), stop:
             train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except clip.NonFiniteLossError as error:
-        loggers.finish()
+        if loggers:
+            loggers.finish()
         kept = latest_checkpoint(run_dir / "checkpoints")
         raise utils.LabError(f"training stopped: {error}; the update was not applied and "
                              f"{f'the last good checkpoint is {kept}' if kept else 'no checkpoint had been saved yet'}. "
                              f"Lower learning_rate or max_grad_norm and run again") from None
     if stop.received:
-        loggers.finish()
+        if loggers:
+            loggers.finish()
         print(f"{stop.received}: training stopped at step {trainer.state.global_step}; checkpoint "
               f"{latest_checkpoint(run_dir / 'checkpoints')}. Continue with the same arguments plus resume=True "
               f"run_name={run_dir.name} output_dir={config['output_dir']}", file=sys.stderr, flush=True)
         raise SystemExit(128 + signal.Signals[stop.received].value)
-    LoRA.save_adapter(model, run_dir / "adapter")
+    if main_process:
+        LoRA.save_adapter(model, run_dir / "adapter")
 
     # 6. the `lora` stage: the same evaluation; the classifier sees the changed text tower and re-encodes
     encodings = classifier.encodings
     with utils.timed(timing, "evaluate"):
         results["lora"] = clip.evaluate_zero_shot(classifier, evaluation, collator, config["eval_batch_size"],
                                                   config["dataloader_num_workers"], desc="zero-shot after LoRA")
+    timing["total"] = round(time.perf_counter() - start, 3)
+    if not main_process:
+        return run_dir
     if classifier.encodings > encodings:
         print("class text features re-encoded: the text tower changed during training")
 
-    # 7. plots, logs, results file
+    # 7. plots, logs, results file (main process only)
     step = trainer.state.global_step
     metrics = {stage: {"validation": result.metrics} for stage, result in results.items()}
     figures = {
@@ -293,7 +316,6 @@ def main(argv: list[str] | None = None, callbacks=()):
     if skipped:
         print(f"warning: {len(skipped)} unreadable images were skipped (bad_images=fail stops at the first)",
               file=sys.stderr)
-    timing["total"] = round(time.perf_counter() - start, 3)
     model_info = {"name": config["model_name"], "parameters": base_parameters, "total_parameters": total,
                   "trainable_parameters": trainable, "trainable_percent": round(100 * trainable / total, 4),
                   "lora": config["lora"], "adapter": str(run_dir / "adapter")}
@@ -310,7 +332,8 @@ def main(argv: list[str] | None = None, callbacks=()):
         training={"global_step": step, "epochs": trainer.state.epoch, "loss": config["loss"],
                   "train_loss": train_output.metrics.get("train_loss"),
                   "train_samples_per_second": train_output.metrics.get("train_samples_per_second"),
-                  "resumed_from": str(checkpoint) if checkpoint else None, "device": device},
+                  "resumed_from": str(checkpoint) if checkpoint else None, "device": device,
+                  "processes": distributed.num_processes},
         data_sizes={split: len(dataset) for split, dataset in data.items()}, log_history=trainer.state.log_history)
     loggers.finish()
     confused = ", ".join(f"{pair['true']} -> {pair['predicted']} ({pair['count']})"

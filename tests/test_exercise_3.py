@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from transformers import TrainerCallback
 import clip
 import exercise_3
 import utils
+from conftest import ROOT
 from test_clip import image_folder, write_truncated_jpeg
 
 
@@ -97,7 +100,7 @@ def test_smoke_main_writes_both_stages_logs_and_plots(tiny_clip_dir, tiny_imagen
     assert list((run_dir / "wandb").glob("offline-run-*"))           # W&B offline, inside the run folder
 
 
-def test_text_only_model_and_bad_config_are_refused(tmp_path, tiny_clip_dir, tiny_imagenet_dir):
+def test_text_only_model_offline_hub_ids_and_bad_config_are_refused(tmp_path, tiny_clip_dir, tiny_imagenet_dir):
     from transformers import DistilBertConfig
 
     text_model = tmp_path / "distilbert"
@@ -106,6 +109,10 @@ def test_text_only_model_and_bad_config_are_refused(tmp_path, tiny_clip_dir, tin
     with pytest.raises(utils.LabError, match="distilbert model; exercise 3 needs a CLIP"):
         exercise_3.main(tiny_args(text_model, tiny_imagenet_dir, output))
     assert not output.exists()                                         # refused before any run folder
+    with pytest.raises(utils.LabError, match="cannot fetch model 'openai/clip-vit-base-patch16'"):
+        exercise_3.main(tiny_args("openai/clip-vit-base-patch16", tiny_imagenet_dir, output))
+    with pytest.raises(utils.LabError, match="cannot fetch dataset 'zh-plus/tiny-imagenet'.*tiny-imagenet-200"):
+        exercise_3.main(tiny_args(tiny_clip_dir, "zh-plus/tiny-imagenet", output))
     for bad, message in (("lora.towers=neck", "lora.towers"), ("train_template=a photo", "train_template"),
                          ("loss=triplet", "loss"), ("max_classes=0", "max_classes"),
                          ("resume=True", "run_name")):
@@ -157,13 +164,31 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_clip_di
 
 
 @pytest.mark.slow
+def test_torchrun_two_cpu_processes_gather_features_and_write_one_result(tiny_clip_dir, tiny_imagenet_dir, tmp_path):
+    """DDP over gloo: the clip loss gathers both processes' features; only the main process writes."""
+    output_dir = tmp_path / "runs"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(ROOT / "exercise_3.py"),
+               *tiny_args(tiny_clip_dir, tiny_imagenet_dir, output_dir, wandb_mode="offline", tensorboard=True)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LAB_SHARED_DIR": str(utils.shared_dir())}
+    finished = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    results_files = list(output_dir.rglob("results.json"))
+    assert len(results_files) == 1 and len(list(output_dir.iterdir())) == 1
+    results = json.loads(results_files[0].read_text())
+    assert results["training"]["processes"] == 2 and results["training"]["global_step"] == 4
+    assert sum(map(sum, results["confusion_matrices"]["lora"])) == 16                # each image once
+    assert len(list(results_files[0].parent.glob("wandb/offline-run-*"))) == 1
+
+
+@pytest.mark.slow
 def test_learning_check_lifts_accuracy_to_three_times_chance(tmp_path, clip_tokenizer_dir, tiny_imagenet_dir):
     """The small random-weight CLIP, LoRA (r=16 on q_proj and v_proj of both towers) plus both
     projection layers, the in-batch CLIP loss, 600 steps of 32 on 10 classes x 50 real images."""
     model = clip.build_tiny_clip(tmp_path / "tiny-clip-p4", tokenizer_dir=str(clip_tokenizer_dir), patch_size=4)
     run_dir = exercise_3.main(tiny_args(
         model, tiny_imagenet_dir, tmp_path, run_name="learn", max_classes=10, max_train_samples=None,
-        max_eval_samples=None, batch_size=32, eval_batch_size=100, max_steps=600, learning_rate=2e-3, warmup=20,
+        max_eval_samples=None, batch_size=32, eval_batch_size=100, max_steps=600, learning_rate=3e-3, warmup=20,
         logging_steps=50, save_steps=1000, **{"lora.r": 16, "lora.alpha": 32,
                                               "lora.modules_to_save": "visual_projection,text_projection"}))
     results = read_results(run_dir)
