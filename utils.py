@@ -47,6 +47,8 @@ def _parse_literal(text: str):
         return None
     if lowered in ("true", "false"):
         return lowered == "true"
+    if lowered in ("nan", "inf", "-inf", "infinity"):
+        return text  # a name, not a number: no size or rate is ever meant to be NaN
     for cast in (int, float):
         try:
             return cast(text)
@@ -220,7 +222,7 @@ def prepare_run_dir(output_dir: str, run_name: str | None, exercise: str,
     A finished or non-empty run folder is never silently mixed with a new run: with `resume` it
     is reused, with `overwrite` it is emptied, otherwise the new run gets a `-2`, `-3`... suffix.
     """
-    name = run_name or f"{exercise}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = str(run_name) if run_name is not None else f"{exercise}-{time.strftime('%Y%m%d-%H%M%S')}"
     base = Path(output_dir)
     run_dir = base / name
     if run_dir.exists() and any(run_dir.iterdir()) and not resume:

@@ -19,7 +19,8 @@ def test_overrides_are_typed_by_their_defaults():
     assert DEFAULTS["lora"]["r"] == 8, "defaults must not be mutated"
 
 
-@pytest.mark.parametrize("text, expected", [("none", None), ("0.5", 0.5), ("false", False), ("runs/x", "runs/x")])
+@pytest.mark.parametrize("text, expected", [("none", None), ("0.5", 0.5), ("false", False), ("runs/x", "runs/x"),
+                                            ("nan", "nan"), ("7", 7)])
 def test_none_default_takes_a_literal(text, expected):
     assert utils.parse_config(DEFAULTS, [f"maybe={text}"])["maybe"] == expected
 

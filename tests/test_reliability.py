@@ -55,6 +55,7 @@ def test_reruns_never_mix(tmp_path):
     second = utils.prepare_run_dir(str(tmp_path), "same", "exercise_1")
     assert second.name == "same-2"
     assert utils.prepare_run_dir(str(tmp_path), "same", "exercise_1", resume=True) == first
+    assert utils.prepare_run_dir(str(tmp_path), 123, "exercise_1").name == "123", "run_name=123 parses as an int"
     replaced = utils.prepare_run_dir(str(tmp_path), "same", "exercise_1", overwrite=True)
     assert replaced == first and not (first / "results.json").exists()
 
