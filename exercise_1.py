@@ -56,14 +56,9 @@ POSITIVE = ("max_train_samples", "max_eval_samples", "max_length", "batch_size",
 
 def load_encoder(model_name: str, trust_remote_code: bool = False):
     """A frozen text encoder and its tokenizer, from a Hub id or a local folder."""
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoModel
 
-    source = utils.resolve_pretrained(model_name, "model", "model_name=<a local model folder>")
-    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-    if hasattr(config, "vision_config") or getattr(config, "model_type", "") in ("vit", "clip", "siglip"):
-        raise utils.LabError(f"{model_name} is a {config.model_type} (vision) model; exercise 1 needs a text "
-                             f"encoder such as distilbert-base-uncased")
-    tokenizer = utils.load_tokenizer(source, trust_remote_code)
+    source, tokenizer = utils.text_model_source(model_name, "exercise 1", trust_remote_code)
     model = AutoModel.from_pretrained(source, trust_remote_code=trust_remote_code, use_safetensors=None)
     return model.eval(), tokenizer
 

@@ -125,17 +125,9 @@ def make_collator(tokenizer, device: str):
 
 def load_classifier(model_name: str, label_names: list[str], trust_remote_code: bool = False):
     """A pretrained encoder with a fresh classification head for `label_names`, and its tokenizer."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
-    source = utils.resolve_pretrained(model_name, "model", "model_name=<a local model folder>")
-    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-    if hasattr(config, "vision_config") or getattr(config, "model_type", "") in ("vit", "clip", "siglip"):
-        raise utils.LabError(f"{model_name} is a {config.model_type} (vision) model; exercise 2 fine-tunes a "
-                             f"text encoder such as distilbert-base-uncased")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, TypeError) as error:
-        raise utils.LabError(f"no usable tokenizer in {model_name}: {error}") from None
+    source, tokenizer = utils.text_model_source(model_name, "exercise 2", trust_remote_code)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             source, num_labels=len(label_names), id2label=dict(enumerate(label_names)),

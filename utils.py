@@ -269,6 +269,18 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
         raise LabError(f"no usable tokenizer in {source}: {error}") from None
 
 
+def text_model_source(model_name: str, exercise: str, trust_remote_code: bool = False):
+    """(loadable source, tokenizer) for a text model, refusing vision/multimodal checkpoints."""
+    from transformers import AutoConfig
+
+    source = resolve_pretrained(model_name, "model", "model_name=<a local model folder>")
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    if hasattr(config, "vision_config") or getattr(config, "model_type", "") in ("vit", "clip", "siglip"):
+        raise LabError(f"{model_name} is a {config.model_type} (vision) model; {exercise} needs a text "
+                       f"encoder such as distilbert-base-uncased")
+    return source, load_tokenizer(source, trust_remote_code)
+
+
 def hub_reachable(timeout: float = 5.0) -> bool:
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         return False
