@@ -3,6 +3,7 @@ files, the collator, both losses against references, the zero-shot classifier an
 guard, LoRA counts for ViT-B/16, adapter save/load and merge, and the DDP feature gather."""
 from __future__ import annotations
 
+import copy
 import io
 import json
 import math
@@ -38,10 +39,16 @@ def tiny_clip_dir(tmp_path_factory, clip_tokenizer_dir):
     return clip.build_tiny_clip(tmp_path_factory.mktemp("tiny-clip"), tokenizer_dir=str(clip_tokenizer_dir))
 
 
+@pytest.fixture(scope="module")
+def loaded_tiny_clip(tiny_clip_dir):
+    return clip.load_clip(str(tiny_clip_dir))
+
+
 @pytest.fixture
-def tiny_clip(tiny_clip_dir):
-    model, tokenizer, image_processor = clip.load_clip(str(tiny_clip_dir))
-    return model.eval(), tokenizer, image_processor
+def tiny_clip(loaded_tiny_clip):
+    """(model, tokenizer, image processor); a fresh copy of the model, which tests may change."""
+    model, tokenizer, image_processor = loaded_tiny_clip
+    return copy.deepcopy(model).eval(), tokenizer, image_processor
 
 
 def save_image(path, mode="RGB", color=(200, 30, 30), size=(40, 48)):
@@ -287,6 +294,18 @@ def test_class_loss_with_repeated_labels_against_manual(tiny_clip, tmp_path):
         in_batch = clip.clip_loss(image, text[torch.tensor(labels)], model.logit_scale)
     assert torch.allclose(ours, manual, atol=1e-5), (ours, manual)
     assert not torch.allclose(in_batch, manual, atol=1e-3)
+
+
+def test_logit_scale_learns_below_the_cap_and_stops_at_it():
+    generator = torch.Generator().manual_seed(0)
+    image = F.normalize(torch.randn(4, 8, generator=generator), dim=-1)
+    text = F.normalize(torch.randn(4, 8, generator=generator), dim=-1)
+    for value, learns in ((math.log(10.0), True), (math.log(400.0), False)):
+        logit_scale = torch.tensor(value, requires_grad=True)
+        clip.clip_loss(image, text, logit_scale).backward()
+        assert bool(logit_scale.grad != 0) == learns
+    capped = clip.clip_loss(image, text, torch.tensor(math.log(400.0)))
+    assert torch.allclose(capped, clip.clip_loss(image, text, torch.tensor(math.log(100.0))))
 
 
 def test_non_finite_loss_stops_before_the_update(tiny_clip, tmp_path):

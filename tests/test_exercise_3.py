@@ -153,6 +153,16 @@ def test_sigterm_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(tiny
     assert all(torch.equal(ours[name], reference[name]) for name in ours)
 
 
+def test_sigint_saves_a_checkpoint_and_exits_cleanly(tiny_clip_dir, tiny_imagenet_dir, tmp_path):
+    previous = signal.getsignal(signal.SIGINT)
+    with pytest.raises(SystemExit) as stopped:
+        exercise_3.main(tiny_args(tiny_clip_dir, tiny_imagenet_dir, tmp_path, run_name="ctrl-c"),
+                        callbacks=[SignalAtStep(2, signal.SIGINT)])
+    assert stopped.value.code == 128 + signal.SIGINT
+    assert [path.name for path in (tmp_path / "ctrl-c" / "checkpoints").iterdir()] == ["checkpoint-2"]
+    assert signal.getsignal(signal.SIGINT) == previous
+
+
 def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_clip_dir, tiny_imagenet_dir, tmp_path):
     args = tiny_args(tiny_clip_dir, tiny_imagenet_dir, tmp_path, run_name="poisoned", max_steps=6, save_steps=2)
     handlers = [signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)]
