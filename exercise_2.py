@@ -302,26 +302,6 @@ def reporters(config: dict) -> list[str]:
                                   ("wandb", config["wandb_mode"] != "disabled")) if on]
 
 
-def shared_run_dir(config: dict, state) -> Path:
-    """The run folder, made by the main process and broadcast, so every process writes the same one."""
-    from accelerate.utils import broadcast_object_list
-
-    run_dir = [None]
-    if state.is_main_process:
-        run_dir[0] = utils.prepare_run_dir(config["output_dir"], config["run_name"], "exercise_2",
-                                           config["overwrite"], resume=config["resume"])
-    if state.num_processes > 1:
-        broadcast_object_list(run_dir)
-    return Path(run_dir[0])
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint-N folder (the Trainer writes trainer_state.json last)."""
-    complete = [path for path in run_dir.glob("checkpoint-*")
-                if path.name.split("-")[-1].isdigit() and (path / "trainer_state.json").exists()]
-    return max(complete, key=lambda path: int(path.name.split("-")[-1]), default=None)
-
-
 def evaluate_stage(trainer, datasets) -> tuple[dict, dict, dict]:
     """Metrics, (labels, predicted ids) and samples/s per split; only argmax ids are kept, so
     memory does not grow with the evaluation set."""
@@ -385,7 +365,7 @@ def main(argv: list[str] | None = None, callbacks=()):
 
     # 5. the run folder (one for all processes) and loggers, once data and model are in hand; the W&B
     # run is started here on the main process, and the Trainer's WandbCallback logs into it
-    run_dir = shared_run_dir(config, distributed)
+    run_dir = utils.shared_run_dir(config, distributed, "exercise_2")
     report_to = reporters(config)
     utils.configure_wandb_env(config, run_dir, "exercise_2")
     if config["tensorboard"]:
@@ -407,7 +387,7 @@ def main(argv: list[str] | None = None, callbacks=()):
             metrics["pretrained"], outputs["pretrained"], speed["pretrained"] = evaluate_stage(trainer, tokenized)
 
     # 8. train, from the newest checkpoint when resuming
-    checkpoint = latest_checkpoint(run_dir) if config["resume"] else None
+    checkpoint = utils.latest_checkpoint(run_dir) if config["resume"] else None
     if config["resume"] and main_process:
         print(f"resuming from {checkpoint}" if checkpoint else f"resume: no checkpoint in {run_dir}; starting afresh")
     with utils.timed(timing, "train"), guard.catching_signals():
@@ -465,7 +445,7 @@ def main(argv: list[str] | None = None, callbacks=()):
 def stop_early(guard: TrainingGuard, trainer, run_dir: Path, config: dict, loggers) -> None:
     """End the run after the guard stopped training: an error for a bad loss, a clean exit for a signal."""
     step = trainer.state.global_step
-    checkpoint = latest_checkpoint(run_dir)
+    checkpoint = utils.latest_checkpoint(run_dir)
     if loggers is not None:
         loggers.finish()
     if guard.stopped == "nonfinite":

@@ -132,26 +132,6 @@ def training_arguments(config: dict, run_dir: Path, device: str):
         use_cpu=device == "cpu")
 
 
-def shared_run_dir(config: dict, state) -> Path:
-    """The run folder, made by the main process and broadcast, so every process writes the same one."""
-    from accelerate.utils import broadcast_object_list
-
-    run_dir = [None]
-    if state.is_main_process:
-        run_dir[0] = utils.prepare_run_dir(config["output_dir"], config["run_name"], "exercise_3", config["overwrite"],
-                                           resume=config["resume"])
-    if state.num_processes > 1:
-        broadcast_object_list(run_dir)
-    return Path(run_dir[0])
-
-
-def latest_checkpoint(folder: Path) -> Path | None:
-    """The newest complete checkpoint-N folder (the Trainer writes trainer_state.json last)."""
-    complete = [path for path in folder.glob("checkpoint-*")
-                if path.name.split("-")[-1].isdigit() and (path / "trainer_state.json").exists()]
-    return max(complete, key=lambda path: int(path.name.split("-")[-1]), default=None)
-
-
 def plot_per_class_change(before: np.ndarray, after: np.ndarray, names: list[str], path: Path, show: int = 15):
     """Per-class accuracy after minus before: all classes, or the `show` largest gains and losses."""
     import matplotlib
@@ -228,7 +208,7 @@ def main(argv: list[str] | None = None, callbacks=()):
         model, tokenizer, image_processor = clip.load_clip(config["model_name"], config["trust_remote_code"])
     model.to(distributed.device)
     base_parameters = utils.count_parameters(model)[1]
-    run_dir = shared_run_dir(config, distributed)
+    run_dir = utils.shared_run_dir(config, distributed, "exercise_3")
     utils.configure_wandb_env(config, run_dir, "exercise_3")
     if config["tensorboard"]:
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")  # read by the Trainer's callback
@@ -259,7 +239,7 @@ def main(argv: list[str] | None = None, callbacks=()):
                                eval_dataset=evaluation, data_collator=collator, loss=config["loss"],
                                zero_shot=classifier,
                                callbacks=[*callbacks, clip.AugmentationEpoch(train_transform), stop])
-    checkpoint = latest_checkpoint(run_dir / "checkpoints") if config["resume"] else None
+    checkpoint = utils.latest_checkpoint(run_dir / "checkpoints") if config["resume"] else None
     if config["resume"]:
         print(f"resuming from {checkpoint}" if checkpoint else f"resume: no checkpoint in {run_dir}; starting afresh")
     try:
@@ -268,7 +248,7 @@ def main(argv: list[str] | None = None, callbacks=()):
     except clip.NonFiniteLossError as error:
         if loggers:
             loggers.finish()
-        kept = latest_checkpoint(run_dir / "checkpoints")
+        kept = utils.latest_checkpoint(run_dir / "checkpoints")
         raise utils.LabError(f"training stopped: {error}; the update was not applied and "
                              f"{f'the last good checkpoint is {kept}' if kept else 'no checkpoint had been saved yet'}. "
                              f"Lower learning_rate or max_grad_norm and run again") from None
@@ -276,7 +256,7 @@ def main(argv: list[str] | None = None, callbacks=()):
         if loggers:
             loggers.finish()
         print(f"{stop.received}: training stopped at step {trainer.state.global_step}; checkpoint "
-              f"{latest_checkpoint(run_dir / 'checkpoints')}. Continue with the same arguments plus resume=True "
+              f"{utils.latest_checkpoint(run_dir / 'checkpoints')}. Continue with the same arguments plus resume=True "
               f"run_name={run_dir.name} output_dir={config['output_dir']}", file=sys.stderr, flush=True)
         raise SystemExit(128 + signal.Signals[stop.received].value)
     if main_process:

@@ -246,6 +246,26 @@ def prepare_run_dir(output_dir: str, run_name: str | None, exercise: str,
     return run_dir
 
 
+def shared_run_dir(config: dict, state, exercise: str) -> Path:
+    """The run folder, made by the main process and broadcast, so every process writes the same one."""
+    from accelerate.utils import broadcast_object_list
+
+    run_dir = [None]
+    if state.is_main_process:
+        run_dir[0] = prepare_run_dir(config["output_dir"], config["run_name"], exercise, config["overwrite"],
+                                     resume=config["resume"])
+    if state.num_processes > 1:
+        broadcast_object_list(run_dir)
+    return Path(run_dir[0])
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The newest complete checkpoint-N folder (the Trainer writes trainer_state.json last)."""
+    complete = [path for path in Path(folder).glob("checkpoint-*")
+                if path.name.split("-")[-1].isdigit() and (path / "trainer_state.json").exists()]
+    return max(complete, key=lambda path: int(path.name.split("-")[-1]), default=None)
+
+
 # ---------------------------------------------------------------------------------------------
 # Hub ids vs local paths, failing fast when offline
 # ---------------------------------------------------------------------------------------------

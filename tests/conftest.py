@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from transformers import TrainerCallback
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -101,3 +102,31 @@ def write_csv_dataset(folder: Path, num_classes: int = 4, per_class: int = 30, s
         rng.shuffle(rows)
         pd.DataFrame(rows).to_csv(folder / f"{split}.csv", index=False)
     return folder
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models gain nothing from a second thread and lose ~10x when other processes share the cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def read_results(run_dir: Path) -> dict:
+    import json
+
+    return json.loads((Path(run_dir) / "results.json").read_text())
+
+
+class SignalAtStep(TrainerCallback):
+    """Sends this process a real signal once training reaches `step`."""
+
+    def __init__(self, step: int, number: int):
+        self.step, self.number = step, number
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), self.number)

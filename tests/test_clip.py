@@ -22,16 +22,9 @@ import utils
 from conftest import ROOT
 from utils import LabError
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"], "towers": "both"}
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread(request):
-    """Tiny models gain nothing from a second thread and lose ~10x when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,9 @@ from transformers import AutoTokenizer, EvalPrediction, TrainerCallback
 import evaluate
 import exercise_2
 import utils
-from conftest import ROOT, write_csv_dataset
+from conftest import ROOT, read_results, SignalAtStep, write_csv_dataset
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_args(model: str, dataset, output_dir, **overrides) -> list[str]:
@@ -30,32 +32,8 @@ def tiny_args(model: str, dataset, output_dir, **overrides) -> list[str]:
     return [f"{key}={value}" for key, value in config.items()]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """On the shared 2-core machine one thread is ~8x faster than two (the second waits on busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def read_results(run_dir) -> dict:
-    return json.loads((run_dir / "results.json").read_text())
-
-
 def checkpoints(run_dir) -> list[str]:
     return sorted((path.name for path in run_dir.glob("checkpoint-*")), key=lambda name: int(name.split("-")[1]))
-
-
-class SignalAtStep(TrainerCallback):
-    """Sends this process a real signal once training reaches `step`."""
-
-    def __init__(self, step: int, number: int):
-        self.step, self.number = step, number
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            os.kill(os.getpid(), self.number)
 
 
 class PoisonWeightsAtStep(TrainerCallback):

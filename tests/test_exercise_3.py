@@ -17,17 +17,10 @@ from transformers import TrainerCallback
 import clip
 import exercise_3
 import utils
-from conftest import ROOT
+from conftest import ROOT, read_results, SignalAtStep
 from test_clip import image_folder, write_truncated_jpeg
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from a second thread and lose ~10x when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -43,21 +36,6 @@ def tiny_args(model, dataset, output_dir, **overrides) -> list[str]:
               "num_sample_images": 4, "wandb_mode": "disabled", "tensorboard": False, "seed": 0}
     config.update(overrides)
     return [f"{key}={value}" for key, value in config.items()]
-
-
-def read_results(run_dir) -> dict:
-    return json.loads((run_dir / "results.json").read_text())
-
-
-class SignalAtStep(TrainerCallback):
-    """Sends this process a real signal once training reaches `step`."""
-
-    def __init__(self, step: int, number: int):
-        self.step, self.number = step, number
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            os.kill(os.getpid(), self.number)
 
 
 class PoisonTextAtStep(TrainerCallback):

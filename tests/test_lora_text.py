@@ -82,15 +82,6 @@ def test_unknown_target_module_is_a_clear_error():
                                                         "target_modules": ["attn_q"], "use_rslora": False})
 
 
-@pytest.fixture
-def one_torch_thread():
-    """Tiny models gain nothing from a second thread and lose ~10x when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_exercise_2_with_lora_saves_an_adapter_that_reproduces_the_run(tiny_distilbert, rt_dir, tmp_path,
                                                                         one_torch_thread):
     run_dir = exercise_2.main([f"model_name={tiny_distilbert}", f"dataset={rt_dir}", f"output_dir={tmp_path}",
