@@ -1,6 +1,8 @@
 # make demo      set up .venv and run exercise 1 offline (packaged MiniLM + shared Rotten Tomatoes)
 # make test      set up .venv and run the fast tests
 # make test-all  everything, including the slow real-data runs (what CI runs)
+# make demo-2    exercise 2 offline (MiniLM fine-tuned on Rotten Tomatoes; ~20 min on 2 CPU cores)
+# make demo-3    exercise 3 offline (a small random-weight CLIP on TinyImageNet; about a minute)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -20,6 +22,15 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 
 demo: setup
 	$(BIN)/python exercise_1.py model_name=$(MINILM) dataset=$(LAB_SHARED_DIR)/data/rotten_tomatoes pooling=mean $(ARGS)
+
+demo-2: setup
+	$(BIN)/python exercise_2.py model_name=$(MINILM) dataset=$(LAB_SHARED_DIR)/data/rotten_tomatoes $(ARGS)
+
+models/tiny-clip: | setup
+	$(BIN)/python clip.py build-tiny models/tiny-clip tokenizer_dir=$(LAB_SHARED_DIR)/models/clip-tokenizer
+
+demo-3: setup models/tiny-clip
+	$(BIN)/python exercise_3.py model_name=models/tiny-clip dataset=$(LAB_SHARED_DIR)/data/tiny-imagenet-200 max_train_samples=2000 $(ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -m "not slow" $(ARGS)
