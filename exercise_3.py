@@ -274,8 +274,6 @@ def main(argv: list[str] | None = None, callbacks=()):
         print("class text features re-encoded: the text tower changed during training")
 
     # 7. plots, logs, results file (main process only)
-    import matplotlib.pyplot
-
     step = trainer.state.global_step
     metrics = {stage: {"validation": result.metrics} for stage, result in results.items()}
     figures = {
@@ -294,7 +292,6 @@ def main(argv: list[str] | None = None, callbacks=()):
         loggers.log_metrics(metrics[stage], prefix=f"{stage}.", step=None)
     for tag, figure in figures.items():
         loggers.log_figure(f"lora/{tag}", figure, step=None)
-        matplotlib.pyplot.close(figure)
     skipped = sorted(set().union(*(result.skipped_images for result in results.values()), trainer.skipped_images))
     if skipped:
         print(f"warning: {len(skipped)} unreadable images were skipped (bad_images=fail stops at the first)",

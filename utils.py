@@ -393,12 +393,16 @@ class RunLoggers:
             self.wandb_run.log({key.replace(".", "/"): value for key, value in flat.items()}, step=step)
 
     def log_figure(self, tag: str, figure, step: int = 0) -> None:
+        """Log a matplotlib figure to both, then close it (pyplot keeps every open figure alive)."""
+        import matplotlib.pyplot as plt
+
         if self.tensorboard:
             self.tensorboard.add_figure(tag, figure, step, close=False)
         if self.wandb_run:
             import wandb
 
             self.wandb_run.log({tag: wandb.Image(figure)}, step=step)
+        plt.close(figure)
 
     def log_text(self, tag: str, text: str) -> None:
         if self.tensorboard:
