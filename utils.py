@@ -624,30 +624,66 @@ def pad_batch(sequences: list[list[int]], pad_id: int):
     return input_ids, attention_mask
 
 
+# On CPU a batch holds at most this many (padded) tokens: small batches keep their activations in
+# cache, about 10% faster than 64 texts of any length on 2 cores (bench/features.py).
+CPU_BATCH_TOKENS = 1024
+
+
+def length_batches(lengths: list[int], batch_size: int, max_tokens: int | None = None) -> list[np.ndarray]:
+    """Indices grouped into batches of similar length, longest first: at most `batch_size` items and,
+    when given, at most `max_tokens` padded tokens each (a single longer item still gets a batch)."""
+    order = np.argsort(lengths, kind="stable")[::-1]
+    batches, start = [], 0
+    while start < len(order):
+        width = max(lengths[order[start]], 1)  # the batch's longest item comes first
+        count = batch_size if max_tokens is None else max(1, min(batch_size, max_tokens // width))
+        batches.append(order[start:start + count])
+        start += count
+    return batches
+
+
 def extract_features(model, tokenizer, texts: list[str], pooling: str = "cls", max_length: int = 128,
                      batch_size: int = 64, device: str = "cpu", desc: str = "features") -> np.ndarray:
     """Pooled last-layer features (n, dim) float32, in the order of `texts`.
 
     Tokenizes once without padding, then runs batches of similar length (sorted, longest first so
-    an out-of-memory shows at once) so padding costs almost nothing.
+    an out-of-memory shows at once) so padding costs almost nothing. On CPU, batches also hold at
+    most CPU_BATCH_TOKENS tokens and run in parallel on one worker thread per torch thread, each
+    batch single-threaded: one batch's small matmuls and elementwise ops split poorly across cores,
+    and single-threaded workers do not stall on each other when the machine is busy.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     import torch
     from tqdm.auto import tqdm
 
     encoded = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
-    order = np.argsort([len(ids) for ids in encoded], kind="stable")[::-1]
+    batches = length_batches([len(ids) for ids in encoded], batch_size, CPU_BATCH_TOKENS if device == "cpu" else None)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    features = None
     model.eval().to(device)
-    with torch.inference_mode():
-        for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
-            rows = order[start:start + batch_size]
-            input_ids, attention_mask = pad_batch([encoded[i] for i in rows], pad_id)
+
+    def embed(rows):
+        input_ids, attention_mask = pad_batch([encoded[i] for i in rows], pad_id)
+        with torch.inference_mode():
             hidden = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).last_hidden_state
-            pooled = pool(hidden, attention_mask.to(device), pooling).float().cpu().numpy()
+            return rows, pool(hidden, attention_mask.to(device), pooling).float().cpu().numpy()
+
+    threads = torch.get_num_threads()
+    workers = min(threads, len(batches)) if device == "cpu" else 1
+    features = None
+    workers_pool = ThreadPoolExecutor(max(workers, 1))
+    progress = tqdm(total=len(batches), desc=desc, unit="batch")
+    torch.set_num_threads(1 if workers > 1 else threads)
+    try:
+        for rows, pooled in workers_pool.map(embed, batches):
             if features is None:
                 features = np.empty((len(texts), pooled.shape[1]), dtype=np.float32)
             features[rows] = pooled
+            progress.update()
+    finally:
+        workers_pool.shutdown(cancel_futures=True)  # an error or Ctrl-C does not wait for the queued batches
+        torch.set_num_threads(threads)
+        progress.close()
     return features
 
 

@@ -22,7 +22,8 @@ PER_SEQUENCE_LAYERS = ("pooler", "pre_classifier", "classifier")
 
 
 def offline_env() -> None:
-    """Benches never touch the network and never log to W&B."""
+    """Benches never touch the network and never log to W&B. Tokenizers run single-threaded: their
+    idle worker threads would otherwise compete with the timed work and the matmul yardstick."""
     for key, value in (("HF_HUB_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false"), ("WANDB_MODE", "disabled")):
         os.environ.setdefault(key, value)
 
@@ -69,7 +70,7 @@ def forward_flops(model, lengths) -> int:
                + layers * 4 * hidden * int((lengths ** 2).sum()))
 
 
-def matmul_flops_per_s(size: int = 2048, repeats: int = 5) -> float:
+def matmul_flops_per_s(size: int = 2048, repeats: int = 10) -> float:
     """Best fp32 FLOP/s of a square matmul on this machine right now (the efficiency yardstick)."""
     import torch
 
@@ -102,6 +103,16 @@ def other_load() -> float:
     elapsed = time.monotonic() - _START[0]
     others = (_busy_cpu_seconds() - _START[1]) - (_own_cpu_seconds() - _START[2])
     return max(others, 0.0) / max(elapsed, 1e-9)
+
+
+def best_time(function, repeats: int):
+    """(result of the last call, fewest seconds over `repeats` calls): the least disturbed run."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = function()
+        best = min(best, time.perf_counter() - start)
+    return result, best
 
 
 def machine() -> dict:

@@ -71,3 +71,48 @@ def test_zeroshot_smoke(tiny_imagenet_dir, clip_tokenizer_dir):
     result = run_bench("zeroshot.py", "--dataset", str(tiny_imagenet_dir))
     assert result["same_predictions"] is True and result["classes"] == 200 and result["images"] == 64
     assert result["cached_images_per_s"] > 0 and result["reencode_images_per_s"] > 0
+
+
+def test_parallel_extraction_restores_threads_and_raises(tiny_distilbert):
+    """utils.extract_features runs CPU batches on single-threaded workers (what bench/features.py
+    measures): torch's thread count comes back afterwards, also when a batch fails."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    import utils
+
+    model = AutoModel.from_pretrained(tiny_distilbert).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_distilbert)
+    texts = [f"a film number {i} " * (1 + i % 7) for i in range(40)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        parallel = utils.extract_features(model, tokenizer, texts, "mean", batch_size=4)
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+        sequential = utils.extract_features(model, tokenizer, texts, "mean", batch_size=4)
+        assert (parallel == sequential).all()  # each batch is computed single-threaded either way
+
+        class FailingModel(torch.nn.Module):
+            def forward(self, input_ids, attention_mask):
+                raise RuntimeError("out of memory")
+
+        torch.set_num_threads(2)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            utils.extract_features(FailingModel(), tokenizer, texts, "cls", batch_size=4)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_length_batches():
+    import utils
+
+    lengths = [5, 40, 12, 40, 3, 7, 100, 9]
+    batches = utils.length_batches(lengths, batch_size=3)
+    assert [list(batch) for batch in batches] == [[6, 3, 1], [2, 7, 5], [0, 4]]  # longest first
+    capped = utils.length_batches(lengths, batch_size=3, max_tokens=80)
+    assert [list(batch) for batch in capped] == [[6], [3, 1], [2, 7, 5], [0, 4]]
+    for batch in capped[1:]:
+        assert len(batch) * max(lengths[i] for i in batch) <= 80  # a lone 100-token text still gets a batch
+    assert sorted(i for batch in capped for i in batch) == list(range(len(lengths)))
