@@ -77,14 +77,13 @@ def approach(run: dict, stage: str) -> tuple[str, str | None]:
 
 
 def parameter_counts(run: dict, stage: str) -> tuple[int | None, int | None]:
-    """(trainable, total) transformer parameters behind a stage's scores; 0 trainable for frozen stages."""
+    """(trainable, total) transformer parameters behind a stage's scores: 0 trainable for frozen
+    stages, which also use the model as loaded (`parameters`) rather than with adapters added
+    (`total_parameters`, exercise 3)."""
     model = run.get("model") or {}
-    total = model.get("total_parameters", model.get("parameters"))
-    if isinstance(total, dict):  # {"trainable": .., "total": ..}
-        total, trainable = total.get("total"), total.get("trainable")
-    else:
-        trainable = model.get("trainable_parameters")
-    return (0 if stage in FROZEN_STAGES else trainable), total
+    frozen = stage in FROZEN_STAGES
+    total = model.get("parameters") if frozen else model.get("total_parameters", model.get("parameters"))
+    return (0 if frozen else model.get("trainable_parameters")), total
 
 
 def stage_seconds(timing: dict, stage: str) -> float | None:

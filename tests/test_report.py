@@ -57,7 +57,9 @@ def runs(tmp_path) -> Path:
               {"zero_shot": {"validation": {**scores(0.02), "top5_accuracy": 0.10}},
                "lora": {"validation": {**scores(0.09), "top5_accuracy": 0.30}}},
               {"zero_shot": 4.0, "train": 30.0, "lora": 6.0, "total": 45.0},
-              {"name": "/tmp/tiny-clip", "parameters": 1000000, "trainable_parameters": 5000},
+              # exercise 3 keeps the base model's count too; the total with adapters is what counts
+              {"name": "/tmp/tiny-clip", "parameters": 1000000, "total_parameters": 1005000,
+               "trainable_parameters": 5000},
               config={"dataset": "/shared/data/tiny-imagenet-200"})
     return folder
 
@@ -119,6 +121,8 @@ def test_comparison_picks_on_validation_and_shows_gains(runs):
     assert comparison["frozen features + SVC"]["run total (s)"] == "80.0"
     clip = comparison["CLIP + LoRA"]
     assert (clip["split"], clip["accuracy"], clip["vs. baseline"]) == ("validation", "0.0900", "+0.0700")
+    assert clip["trainable / total params"] == "5,000 / 1,005,000"
+    assert comparison["CLIP zero-shot"]["trainable / total params"] == "0 / 1,000,000"  # before adapters
     assert comparison["pretrained, untrained head"]["run"] == "e2-full"  # 0.50 ties: the first run seen stays
     assert (runs / "comparison.png").stat().st_size > 0 and "![comparison](comparison.png)" in text
 
