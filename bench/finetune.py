@@ -15,6 +15,8 @@ measured in the same run.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -71,7 +73,8 @@ def train_steps(model_name: str, data, padding: str, steps: int, batch_size: int
         exercise_2.TrainingGuard(), model=model, args=args, train_dataset=tokenized["train"],
         eval_dataset=tokenized["validation"], processing_class=tokenizer, data_collator=collator,
         callbacks=[recorder])
-    trainer.train()
+    with contextlib.redirect_stdout(sys.stderr):  # the Trainer's log lines would mix with the JSON line
+        trainer.train()
     return {"model": model, "step_ends": recorder.ends, "token_counts": token_counts}
 
 
