@@ -44,6 +44,7 @@ def measure(model_name: str, dataset: str, n: int) -> dict:
     import utils
 
     data = utils.load_text_dataset(dataset, seed=0, max_train_samples=n, max_eval_samples=16)
+    utils.set_seed(0)  # the fresh classification head, as exercise 2 seeds it
     model, tokenizer = exercise_2.load_classifier(model_name, data["train"].features["label"].names)
     tokenized = exercise_2.tokenize(data, tokenizer, exercise_2.CONFIG["max_length"])
     config = utils.parse_config(exercise_2.CONFIG, ["tensorboard=false", "wandb_mode=disabled"])
