@@ -105,14 +105,33 @@ def other_load() -> float:
     return max(others, 0.0) / max(elapsed, 1e-9)
 
 
-def best_time(function, repeats: int):
-    """(result of the last call, fewest seconds over `repeats` calls): the least disturbed run."""
-    best = float("inf")
+def timed(function):
+    """(result, seconds) of one call."""
+    start = time.perf_counter()
+    result = function()
+    return result, time.perf_counter() - start
+
+
+def paired_rounds(ours, theirs, repeats: int, matmul_size: int | None = None) -> tuple[list[dict], object, object]:
+    """Run both sides `repeats` times, alternating, each of ours between two matmul yardsticks.
+
+    This machine's speed drifts (other jobs, the VM's neighbours, clock changes), so each ratio is
+    taken within one round, where both sides met the same conditions; report the median round.
+    Returns (rounds, our last result, their last result).
+    """
+    rounds = []
     for _ in range(repeats):
-        start = time.perf_counter()
-        result = function()
-        best = min(best, time.perf_counter() - start)
-    return result, best
+        before = matmul_flops_per_s(matmul_size) if matmul_size else None
+        our_result, our_seconds = timed(ours)
+        after = matmul_flops_per_s(matmul_size) if matmul_size else None
+        their_result, their_seconds = timed(theirs)
+        rounds.append({"ours_s": our_seconds, "theirs_s": their_seconds,
+                       "matmul_flops_per_s": max(before, after) if matmul_size else None})
+    return rounds, our_result, their_result
+
+
+def median(values) -> float:
+    return float(np.median(list(values)))
 
 
 def machine() -> dict:

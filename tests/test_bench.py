@@ -49,7 +49,7 @@ def test_forward_flops_match_torch_flop_counter(with_head):
 
 def test_features_smoke(tiny_distilbert):
     result = run_bench("features.py", "--model", tiny_distilbert)
-    assert result["same_features"] is True and result["sentences"] == 32
+    assert result["same_features"] is True and result["sentences"] == 32 and len(result["per_round"]) == 1
     assert result["extractor_sentences_per_s"] > 0 and result["pipeline_sentences_per_s"] > 0
     assert 0 < result["efficiency"] and result["tokens"] > result["sentences"]
 
@@ -70,7 +70,7 @@ def test_eval_memory_smoke(tiny_distilbert):
 def test_zeroshot_smoke(tiny_imagenet_dir, clip_tokenizer_dir):
     result = run_bench("zeroshot.py", "--dataset", str(tiny_imagenet_dir))
     assert result["same_predictions"] is True and result["classes"] == 200 and result["images"] == 64
-    assert result["cached_images_per_s"] > 0 and result["reencode_images_per_s"] > 0
+    assert result["cached_images_per_s"] > 0 and result["reencode_images_per_s"] > 0 and result["rounds"] == 1
 
 
 def test_parallel_extraction_restores_threads_and_raises(tiny_distilbert):
