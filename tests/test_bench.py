@@ -60,6 +60,27 @@ def test_finetune_smoke(tiny_distilbert):
     assert 0 < result["real_tokens_per_sample"] < 256 and result["efficiency"] > 0
 
 
+def test_finetune_batches_are_the_exercise_samplers_and_span_its_lengths():
+    """bench/finetune.py times batches exactly as exercise 2's length-grouped sampler forms them on the
+    whole training split, picked across the range of widths: their mean length is the epoch's."""
+    import numpy as np
+    import torch
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    import finetune
+
+    lengths = list(np.random.default_rng(0).integers(5, 80, size=1600))
+    order = list(LengthGroupedSampler(16, lengths=lengths, generator=torch.Generator().manual_seed(42)))
+    epoch = [order[i:i + 16] for i in range(0, len(order), 16)]
+    picked = finetune.exercise_batches(lengths, 16, 10, seed=42)
+    assert len(picked) == 10 and all(batch in epoch for batch in picked)
+    assert [epoch.index(batch) for batch in picked] == sorted(epoch.index(batch) for batch in picked)
+    widths = sorted(max(lengths[i] for i in batch) for batch in epoch)
+    picked_widths = [max(lengths[i] for i in batch) for batch in picked]
+    assert min(picked_widths) <= widths[len(widths) // 10] and max(picked_widths) >= widths[-len(widths) // 10]
+    assert abs(np.mean([lengths[i] for b in picked for i in b]) - np.mean(lengths)) < 0.1 * np.mean(lengths)
+
+
 def test_eval_memory_smoke(tiny_distilbert):
     result = run_bench("eval_memory.py", "--model", tiny_distilbert)
     assert (result["n"], result["large_n"]) == (16, 64) and set(result["runs"]) == {"default", "fixed_mmap_threshold"}
@@ -71,6 +92,7 @@ def test_zeroshot_smoke(tiny_imagenet_dir, clip_tokenizer_dir):
     result = run_bench("zeroshot.py", "--dataset", str(tiny_imagenet_dir))
     assert result["same_predictions"] is True and result["classes"] == 200 and result["images"] == 64
     assert result["cached_images_per_s"] > 0 and result["reencode_images_per_s"] > 0 and result["rounds"] == 1
+    assert result["ceiling_speedup"] > 1
 
 
 def test_parallel_extraction_restores_threads_and_raises(tiny_distilbert):
