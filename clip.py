@@ -764,6 +764,19 @@ TINY_CLIP = {
 }
 
 
+def vit_b_16_config(vocab_size: int = 49408):
+    """The architecture of openai/clip-vit-base-patch16 (149,620,737 parameters): random weights in this
+    shape cost what the real model costs (bench/zeroshot.py) and count like it (LoRA accounting)."""
+    from transformers import CLIPConfig
+
+    return CLIPConfig(
+        text_config={"hidden_size": 512, "intermediate_size": 2048, "num_attention_heads": 8, "num_hidden_layers": 12,
+                     "vocab_size": vocab_size, "max_position_embeddings": 77},
+        vision_config={"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12,
+                       "num_hidden_layers": 12, "image_size": 224, "patch_size": 16},
+        projection_dim=512)
+
+
 def build_tiny_clip(folder: Path, **overrides) -> Path:
     """Save a small random-weight CLIPModel with the real CLIP tokenizer and a PIL image
     processor for `image_size` inputs to `folder`, loadable as model_name=<folder>."""

@@ -395,22 +395,11 @@ def test_stale_class_features_are_never_used(tiny_clip, tmp_path):
 # LoRA for CLIP
 # ---------------------------------------------------------------------------------------------
 
-def vit_b16_config():
-    from transformers import CLIPConfig
-
-    return CLIPConfig(
-        text_config={"hidden_size": 512, "intermediate_size": 2048, "num_attention_heads": 8, "num_hidden_layers": 12,
-                     "vocab_size": 49408, "max_position_embeddings": 77},
-        vision_config={"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12,
-                       "num_hidden_layers": 12, "image_size": 224, "patch_size": 16},
-        projection_dim=512)
-
-
 def test_lora_counts_for_vit_b16_built_on_the_meta_device():
     from transformers import CLIPModel
 
     with torch.device("meta"):
-        model = CLIPModel(vit_b16_config())
+        model = CLIPModel(clip.vit_b_16_config())
     assert utils.count_parameters(model)[1] == 149_620_737
     peft_model = LoRA.apply_lora(model, {**LORA, "r": 8, "alpha": 16, "dropout": 0.1}, task_type=None)
     assert utils.count_parameters(peft_model) == (491_520, 150_112_257)
