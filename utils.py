@@ -365,6 +365,15 @@ def configure_wandb_env(config: dict, run_dir: Path, exercise: str) -> str:
     return mode
 
 
+def wandb_run_id(run_dir: Path) -> str:
+    """The W&B run id of this run folder, made on first use and kept in it: a run continued with
+    resume=True logs into the same W&B run instead of starting a second one with the same name."""
+    path = Path(run_dir) / ".wandb_run_id"
+    if not path.exists():
+        path.write_text(os.urandom(6).hex())
+    return path.read_text().strip()
+
+
 class RunLoggers:
     """TensorBoard + W&B behind one small interface; either may be off."""
 
@@ -380,6 +389,7 @@ class RunLoggers:
             import wandb
 
             self.wandb_run = wandb.init(project=os.environ["WANDB_PROJECT"], name=run_dir.name,
+                                        id=wandb_run_id(run_dir), resume="allow",
                                         dir=str(run_dir), config=config, job_type=exercise,
                                         reinit="finish_previous")
 

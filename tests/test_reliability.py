@@ -34,6 +34,22 @@ def test_wandb_online_without_a_key_stops_before_anything_runs(tmp_path, monkeyp
     assert os.environ["WANDB_DIR"] == str(tmp_path) and os.environ["WANDB_MODE"] == "offline"
 
 
+def test_a_resumed_run_logs_into_the_same_wandb_run(tmp_path):
+    """W&B's run id lives in the run folder: resume=True (same folder) continues the W&B run, a new
+    folder starts a new one. Offline runs are named offline-run-<time>-<id>."""
+    config = {"wandb_mode": "offline", "tensorboard": False}
+
+    def wandb_ids(run_dir):
+        utils.RunLoggers(run_dir, config, "exercise_2").finish()
+        return {path.name.rsplit("-", 1)[1] for path in (run_dir / "wandb").glob("offline-run-*")}
+
+    first, other = tmp_path / "cut", tmp_path / "other"
+    first.mkdir(), other.mkdir()
+    assert wandb_ids(first) == {utils.wandb_run_id(first)}
+    assert wandb_ids(first) == {utils.wandb_run_id(first)}  # the resumed session: same id, no second run
+    assert wandb_ids(other) == {utils.wandb_run_id(other)} != {utils.wandb_run_id(first)}
+
+
 @pytest.mark.skipif(os.name != "posix", reason="permissions")
 def test_read_only_output_folder(tmp_path):
     locked = tmp_path / "locked"
