@@ -57,6 +57,7 @@ def test_features_smoke(tiny_distilbert):
 def test_finetune_smoke(tiny_distilbert):
     result = run_bench("finetune.py", "--model", tiny_distilbert)
     assert result["timed_steps"] == 2 and result["dynamic_samples_per_s"] > 0 and result["max_length_samples_per_s"] > 0
+    assert result["rounds"] == len(result["per_round"]) == 1
     assert 0 < result["real_tokens_per_sample"] < 256 and result["efficiency"] > 0
 
 
