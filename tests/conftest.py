@@ -1,7 +1,9 @@
 """Shared test fixtures: the shared assets folder, the packaged MiniLM, a tiny random DistilBERT."""
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -130,3 +132,30 @@ class SignalAtStep(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == self.step:
             os.kill(os.getpid(), self.number)
+
+
+class PoisonAtStep(TrainerCallback):
+    """Fills one weight, `weight(model)`, with NaN once training reaches `step`: the next loss is NaN."""
+
+    def __init__(self, step: int, weight):
+        self.step, self.weight = step, weight
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step:
+            import torch
+
+            with torch.no_grad():
+                self.weight(model).fill_(float("nan"))
+
+
+def torchrun_two_processes(script: str, args: list[str], output_dir: Path, timeout: int = 600) -> tuple[dict, Path]:
+    """Run `script` under torchrun as 2 CPU processes (gloo, 1 thread each); check it succeeded and wrote
+    exactly one run folder. Returns (its results.json, the folder)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(ROOT / script), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LAB_SHARED_DIR": str(utils.shared_dir())}
+    finished = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    results_files = list(Path(output_dir).rglob("results.json"))
+    assert len(results_files) == 1 and len(list(Path(output_dir).iterdir())) == 1
+    return json.loads(results_files[0].read_text()), results_files[0].parent

@@ -4,20 +4,17 @@ fine-tuning that must beat its own untrained stage."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer, EvalPrediction, TrainerCallback
+from transformers import AutoTokenizer, EvalPrediction
 
 import evaluate
 import exercise_2
 import utils
-from conftest import ROOT, read_results, SignalAtStep, write_csv_dataset
+from conftest import PoisonAtStep, read_results, SignalAtStep, torchrun_two_processes, write_csv_dataset
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -34,18 +31,6 @@ def tiny_args(model: str, dataset, output_dir, **overrides) -> list[str]:
 
 def checkpoints(run_dir) -> list[str]:
     return sorted((path.name for path in run_dir.glob("checkpoint-*")), key=lambda name: int(name.split("-")[1]))
-
-
-class PoisonWeightsAtStep(TrainerCallback):
-    """Fills the embeddings with NaN after `step`, so the next loss is NaN."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step == self.step:
-            with torch.no_grad():
-                model.get_input_embeddings().weight.fill_(float("nan"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,7 +168,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_distilbert, rt_d
     # evaluations and saves at steps 4, 8, ...; the weights turn NaN after step 6, so step 7's loss is NaN
     with pytest.raises(utils.LabError, match=r"NaN or infinite at step 7.*checkpoint-4"):
         exercise_2.main(tiny_args(tiny_distilbert, rt_dir, tmp_path, run_name="diverged", evaluate_pretrained=False),
-                        callbacks=[PoisonWeightsAtStep(6)])
+                        callbacks=[PoisonAtStep(6, lambda model: model.get_input_embeddings().weight)])
     run_dir = tmp_path / "diverged"
     assert checkpoints(run_dir) == ["checkpoint-4"] and not (run_dir / "results.json").exists()
     from safetensors.torch import load_file
@@ -196,21 +181,14 @@ def test_torchrun_two_cpu_processes_write_one_result(tiny_distilbert, tmp_path):
     """DDP over gloo on a 4-class CSV with string labels; only the main process writes."""
     dataset = write_csv_dataset(tmp_path / "topics", num_classes=4, per_class=24)
     output_dir = tmp_path / "runs"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(ROOT / "exercise_2.py"),
-               *tiny_args(tiny_distilbert, dataset, output_dir, text_column="sentence", label_column="topic",
-                          max_eval_samples=None, max_steps=6, wandb_mode="offline", tensorboard=True)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "LAB_SHARED_DIR": str(utils.shared_dir())}
-    finished = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert finished.returncode == 0, finished.stderr[-3000:]
-    results_files = list(output_dir.rglob("results.json"))
-    assert len(results_files) == 1 and len(list(output_dir.iterdir())) == 1
-    results = json.loads(results_files[0].read_text())
+    results, run_dir = torchrun_two_processes("exercise_2.py", tiny_args(
+        tiny_distilbert, dataset, output_dir, text_column="sentence", label_column="topic", max_eval_samples=None,
+        max_steps=6, wandb_mode="offline", tensorboard=True), output_dir, timeout=300)
     assert results["training"]["processes"] == 2 and results["training"]["global_step"] == 6
     assert results["label_names"] == ["music", "politics", "science", "sports"]  # sorted string labels
     matrix = np.asarray(results["confusion_matrices"]["fine_tuned"]["test"])
     assert matrix.shape == (4, 4) and matrix.sum() == results["data_sizes"]["test"]  # each example once
-    assert len(list(results_files[0].parent.glob("wandb/offline-run-*"))) == 1
+    assert len(list(run_dir.glob("wandb/offline-run-*"))) == 1
 
     # the loss is the per-example mean, as in one process (transformers 5.x would scale it by the
     # number of processes for models that take loss kwargs)

@@ -3,21 +3,16 @@ output, refusals (a text-only model, bad config), unreadable images skipped and 
 interruption and resume, the NaN guard, and (slow) the learning check on 10 real Tiny ImageNet classes."""
 from __future__ import annotations
 
-import json
-import os
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import TrainerCallback
 
 import clip
 import exercise_3
 import utils
-from conftest import ROOT, read_results, SignalAtStep
+from conftest import PoisonAtStep, read_results, SignalAtStep, torchrun_two_processes
 from test_clip import image_folder, write_truncated_jpeg
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -36,18 +31,6 @@ def tiny_args(model, dataset, output_dir, **overrides) -> list[str]:
               "num_sample_images": 4, "wandb_mode": "disabled", "tensorboard": False, "seed": 0}
     config.update(overrides)
     return [f"{key}={value}" for key, value in config.items()]
-
-
-class PoisonTextAtStep(TrainerCallback):
-    """Fills the token embeddings with NaN after `step`, so the next loss is NaN."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step == self.step:
-            with torch.no_grad():
-                clip.clip_core(model).text_model.embeddings.token_embedding.weight.fill_(float("nan"))
 
 
 def test_smoke_main_writes_both_stages_logs_and_plots(tiny_clip_dir, tiny_imagenet_dir, tmp_path):
@@ -145,7 +128,8 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_clip_di
     args = tiny_args(tiny_clip_dir, tiny_imagenet_dir, tmp_path, run_name="poisoned", max_steps=6, save_steps=2)
     handlers = [signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)]
     with pytest.raises(utils.LabError, match=r"loss is nan at step 4.*checkpoint-2"):
-        exercise_3.main(args, callbacks=[PoisonTextAtStep(3)])
+        exercise_3.main(args, callbacks=[PoisonAtStep(
+            3, lambda model: clip.clip_core(model).text_model.embeddings.token_embedding.weight)])
     assert [signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)] == handlers
     checkpoints = sorted(path.name for path in (tmp_path / "poisoned" / "checkpoints").glob("checkpoint-*"))
     assert checkpoints == ["checkpoint-2"]
@@ -155,18 +139,11 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_clip_di
 def test_torchrun_two_cpu_processes_gather_features_and_write_one_result(tiny_clip_dir, tiny_imagenet_dir, tmp_path):
     """DDP over gloo: the clip loss gathers both processes' features; only the main process writes."""
     output_dir = tmp_path / "runs"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(ROOT / "exercise_3.py"),
-               *tiny_args(tiny_clip_dir, tiny_imagenet_dir, output_dir, wandb_mode="offline", tensorboard=True)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "LAB_SHARED_DIR": str(utils.shared_dir())}
-    finished = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert finished.returncode == 0, finished.stderr[-3000:]
-    results_files = list(output_dir.rglob("results.json"))
-    assert len(results_files) == 1 and len(list(output_dir.iterdir())) == 1
-    results = json.loads(results_files[0].read_text())
+    results, run_dir = torchrun_two_processes("exercise_3.py", tiny_args(
+        tiny_clip_dir, tiny_imagenet_dir, output_dir, wandb_mode="offline", tensorboard=True), output_dir)
     assert results["training"]["processes"] == 2 and results["training"]["global_step"] == 4
     assert sum(map(sum, results["confusion_matrices"]["lora"])) == 16                # each image once
-    assert len(list(results_files[0].parent.glob("wandb/offline-run-*"))) == 1
+    assert len(list(run_dir.glob("wandb/offline-run-*"))) == 1
 
 
 @pytest.mark.slow
