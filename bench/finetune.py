@@ -2,9 +2,10 @@
 
 Both sides use exercise 2's own pieces: the seeded model from `load_classifier`, TrainingArguments
 from `training_arguments` (defaults: batch 16, fp32 on CPU, fused AdamW), `make_trainer`, for the same
-fixed number of optimizer steps on the same batches: `--steps` batches spread evenly over exercise 2's
-first epoch on the full training split, as its length-grouped sampler orders it (a few steps on a small
-subset would group far worse than the exercise does: megabatches of 48 instead of 800 sentences).
+fixed number of optimizer steps on the same batches: batches of exercise 2's first epoch on the full
+training split, as its length-grouped sampler forms them, picked across the range of their widths (a
+few steps on a small subset would group far worse than the exercise does: megabatches of 48 instead of
+800 sentences, 23% padding instead of ~2%).
 Ours tokenizes without padding and lets `DataCollatorWithPadding` pad each batch to its longest
 text; the naive side pads every text to 256 tokens at tokenization time, as the course does.
 Samples/s counts the steps after the first `--warmup`. Efficiency: useful FLOP/s (3 x the forward
