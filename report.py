@@ -209,15 +209,15 @@ def comparison_table(rows: list[dict]) -> str:
 # Sweeps
 # ---------------------------------------------------------------------------------------------
 
-def ablation_rows(sweep: dict) -> list[dict]:
-    """One row per sweep point: its values, status, and the final stage's validation / test scores."""
+def ablation_rows(sweep: dict, runs_by_path: dict) -> list[dict]:
+    """One row per sweep point: its values, status, and the final stage's validation / test scores
+    (from `runs_by_path`: the loaded runs keyed by their results.json path)."""
     rows = []
     for point in sweep.get("points", []):
         row = {"name": point["name"], "values": point["overrides"], "status": point["status"],
                "error": point.get("error"), "validation": None, "test": None, "f1_macro": None, "seconds": None}
-        results_path = sweep["folder"] / point["name"] / RESULTS_FILE  # points live inside the sweep folder
-        if results_path.exists():
-            results = json.loads(results_path.read_text())
+        results = runs_by_path.get(str(sweep["folder"] / point["name"] / RESULTS_FILE))  # inside the sweep folder
+        if results:
             metrics = results.get("metrics") or {}
             stage = FINAL_STAGE.get(results.get("exercise"))
             stage = stage if stage in metrics else next(reversed(metrics), None)
@@ -352,8 +352,9 @@ def build_report(folder: Path) -> tuple[str, list[Path]]:
         if image:
             images.append(image)
             sections += ["", f"![comparison]({image.name})"]
+    runs_by_path = {run["path"]: run for run in runs}
     for sweep in sweeps:
-        rows = ablation_rows(sweep)
+        rows = ablation_rows(sweep, runs_by_path)
         failed = sum(row["status"] != "ok" for row in rows)
         sections += ["", f"## Sweep `{sweep['name']}` ({Path(sweep['script']).name})", "",
                      f"{len(rows)} points, {failed} failed. Fixed: "
