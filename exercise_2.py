@@ -18,7 +18,6 @@ checkpoints saved before it.
 """
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import threading
@@ -94,8 +93,9 @@ POSITIVE = ("max_train_samples", "max_eval_samples", "max_length", "learning_rat
             "logging_steps", "save_total_limit", "lora.r", "lora.alpha", "lora.learning_rate")
 
 
-def check_config(config: dict) -> None:
+def check_config(config: dict, device: str) -> None:
     """The checks parse_config's `positive` cannot express."""
+    utils.trainer_precision(config["mixed_precision"], device)
     for key in ("weight_decay", "warmup", "max_grad_norm"):
         if config[key] < 0:
             raise utils.LabError(f"{key!r} must be >= 0, got {config[key]!r}")
@@ -253,14 +253,9 @@ def make_trainer(guard: TrainingGuard, callbacks=(), **kwargs):
 
 
 def training_arguments(config: dict, run_dir: Path, report_to: list[str], device: str):
-    import torch
     from transformers import TrainingArguments
 
-    precision = config["mixed_precision"]
-    if precision in ("bf16", "fp16") and device != "cuda":
-        raise utils.LabError(f"mixed_precision={precision} needs a CUDA GPU; use auto or no on {device}")
-    if precision == "auto":
-        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device == "cuda" else "no"
+    precision = utils.trainer_precision(config["mixed_precision"], device)
     lora = config["lora"]["enabled"]
     steps = config["eval_strategy"] == "steps"
     return TrainingArguments(
@@ -296,12 +291,6 @@ def training_arguments(config: dict, run_dir: Path, report_to: list[str], device
     )
 
 
-def reporters(config: dict) -> list[str]:
-    """The Trainer's report_to: tensorboard and/or wandb (both, either, or none)."""
-    return [name for name, on in (("tensorboard", config["tensorboard"]),
-                                  ("wandb", config["wandb_mode"] != "disabled")) if on]
-
-
 def evaluate_stage(trainer, datasets) -> tuple[dict, dict, dict]:
     """Metrics, (labels, predicted ids) and samples/s per split; only argmax ids are kept, so
     memory does not grow with the evaluation set."""
@@ -334,8 +323,8 @@ def main(argv: list[str] | None = None, callbacks=()):
 
     # 1. config; torchrun has already started the processes, PartialState joins them up
     config = utils.parse_config(CONFIG, argv or [], CHOICES, POSITIVE, "exercise_2.py")
-    check_config(config)
     device = utils.best_device()
+    check_config(config, device)
     distributed = PartialState(cpu=device == "cpu")
     main_process = distributed.is_main_process
     timing = {}
@@ -363,14 +352,9 @@ def main(argv: list[str] | None = None, callbacks=()):
     with utils.timed(timing, "tokenize"):
         tokenized = tokenize(data, tokenizer, config["max_length"])
 
-    # 5. the run folder (one for all processes) and loggers, once data and model are in hand; the W&B
-    # run is started here on the main process, and the Trainer's WandbCallback logs into it
-    run_dir = utils.shared_run_dir(config, distributed, "exercise_2")
-    report_to = reporters(config)
-    utils.configure_wandb_env(config, run_dir, "exercise_2")
-    if config["tensorboard"]:
-        os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")  # read by the Trainer's callback
-    loggers = utils.RunLoggers(run_dir, config, "exercise_2") if main_process else None
+    # 5. the run folder (one for all processes) and loggers, once data and model are in hand
+    run_dir, loggers = utils.start_trainer_run(config, distributed, "exercise_2")
+    report_to = utils.trainer_reporters(config)
 
     # 6. the Trainer: best checkpoint by validation metric, metrics from evaluate.py
     guard = TrainingGuard()

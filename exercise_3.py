@@ -16,7 +16,6 @@ training before its update, keeping the checkpoints saved until then.
 """
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import time
@@ -93,8 +92,7 @@ POSITIVE = ("max_classes", "max_train_samples", "max_eval_samples", "eval_batch_
 
 def check_config(config: dict, device: str) -> None:
     """The checks parse_config's `positive` cannot express."""
-    if config["mixed_precision"] in ("bf16", "fp16") and device != "cuda":
-        raise utils.LabError(f"mixed_precision={config['mixed_precision']} needs a CUDA GPU; use auto or no on {device}")
+    utils.trainer_precision(config["mixed_precision"], device)
     for key in ("weight_decay", "warmup", "max_grad_norm", "dataloader_num_workers", "num_sample_images"):
         if config[key] < 0:
             raise utils.LabError(f"{key!r} must be >= 0, got {config[key]!r}")
@@ -109,11 +107,8 @@ def check_config(config: dict, device: str) -> None:
 def training_arguments(config: dict, run_dir: Path, device: str):
     from transformers import TrainingArguments
 
-    precision = config["mixed_precision"]
-    if precision == "auto":
-        precision = "bf16" if device == "cuda" else "no"
-    report_to = [name for name, on in (("tensorboard", config["tensorboard"]),
-                                       ("wandb", config["wandb_mode"] != "disabled")) if on]
+    precision = utils.trainer_precision(config["mixed_precision"], device)
+    report_to = utils.trainer_reporters(config)
     steps = config["eval_strategy"] == "steps"
     return TrainingArguments(
         output_dir=str(run_dir / "checkpoints"), run_name=run_dir.name, report_to=report_to or "none",
@@ -208,12 +203,7 @@ def main(argv: list[str] | None = None, callbacks=()):
         model, tokenizer, image_processor = clip.load_clip(config["model_name"], config["trust_remote_code"])
     model.to(distributed.device)
     base_parameters = utils.count_parameters(model)[1]
-    run_dir = utils.shared_run_dir(config, distributed, "exercise_3")
-    utils.configure_wandb_env(config, run_dir, "exercise_3")
-    if config["tensorboard"]:
-        os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")  # read by the Trainer's callback
-    # the W&B run starts here (offline into the run folder); the Trainer's WandbCallback logs into it
-    loggers = utils.RunLoggers(run_dir, config, "exercise_3") if main_process else None
+    run_dir, loggers = utils.start_trainer_run(config, distributed, "exercise_3")
     evaluation = data["validation"].with_transform(clip.ImageTransform(image_processor, config["bad_images"]))
     train_transform = clip.ImageTransform(image_processor, config["bad_images"],
                                           augment_seed=config["seed"] if config["augment"] else None)

@@ -173,6 +173,24 @@ def best_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def trainer_precision(setting: str, device: str) -> str:
+    """The Trainer's precision for a `mixed_precision` setting: "no" (fp32), "bf16" or "fp16". Mixed
+    precision only on CUDA ("auto": bf16 where the GPU has it, else fp16); bf16 on a CPU is far slower."""
+    import torch
+
+    if setting in ("bf16", "fp16") and device != "cuda":
+        raise LabError(f"mixed_precision={setting} needs a CUDA GPU; use auto or no on {device}")
+    if setting == "auto":
+        return ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device == "cuda" else "no"
+    return setting
+
+
+def trainer_reporters(config: dict) -> list[str]:
+    """The Trainer's report_to: tensorboard and/or wandb, as the config turns them on."""
+    return [name for name, on in (("tensorboard", config["tensorboard"]),
+                                  ("wandb", config["wandb_mode"] != "disabled")) if on]
+
+
 @contextmanager
 def timed(timing: dict, phase: str):
     """Add the seconds spent in the block to timing[phase]."""
@@ -246,8 +264,10 @@ def prepare_run_dir(output_dir: str, run_name: str | None, exercise: str,
     return run_dir
 
 
-def shared_run_dir(config: dict, state, exercise: str) -> Path:
-    """The run folder, made by the main process and broadcast, so every process writes the same one."""
+def start_trainer_run(config: dict, state, exercise: str) -> tuple[Path, "RunLoggers | None"]:
+    """(run folder, loggers) for a Trainer run: the folder is made by the main process and broadcast, so
+    every process writes the same one; the loggers (main process only) start the W&B run that the
+    Trainer's WandbCallback then logs into, and its TensorBoard callback writes next to ours."""
     from accelerate.utils import broadcast_object_list
 
     run_dir = [None]
@@ -256,7 +276,11 @@ def shared_run_dir(config: dict, state, exercise: str) -> Path:
                                      resume=config["resume"])
     if state.num_processes > 1:
         broadcast_object_list(run_dir)
-    return Path(run_dir[0])
+    run_dir = Path(run_dir[0])
+    configure_wandb_env(config, run_dir, exercise)  # every process: wandb_mode=online without a key stops all
+    if config["tensorboard"]:
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
+    return run_dir, RunLoggers(run_dir, config, exercise) if state.is_main_process else None
 
 
 def latest_checkpoint(folder: Path) -> Path | None:

@@ -72,3 +72,15 @@ def test_script_help_lists_config():
     result = subprocess.run([sys.executable, "exercise_1.py", "--help"], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0 and "pooling='cls'" in result.stdout
+
+
+@pytest.mark.parametrize("bf16_supported, expected", [(True, "bf16"), (False, "fp16")])
+def test_mixed_precision_auto_follows_the_gpu_and_stays_off_the_cpu(monkeypatch, bf16_supported, expected):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16_supported)
+    assert utils.trainer_precision("auto", "cuda") == expected  # GPUs without bf16 (T4, V100) get fp16
+    assert utils.trainer_precision("auto", "cpu") == utils.trainer_precision("no", "cpu") == "no"
+    for setting in ("bf16", "fp16"):
+        with pytest.raises(utils.LabError, match="needs a CUDA GPU"):
+            utils.trainer_precision(setting, "cpu")
