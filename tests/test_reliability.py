@@ -36,12 +36,12 @@ def test_wandb_online_without_a_key_stops_before_anything_runs(tmp_path, monkeyp
 
 def test_a_resumed_run_logs_into_the_same_wandb_run(tmp_path):
     """W&B's run id lives in the run folder: resume=True (same folder) continues the W&B run, a new
-    folder starts a new one. Offline runs are named offline-run-<time>-<id>."""
+    folder starts a new one. Each offline run holds run-<id>.wandb."""
     config = {"wandb_mode": "offline", "tensorboard": False}
 
     def wandb_ids(run_dir):
         utils.RunLoggers(run_dir, config, "exercise_2").finish()
-        return {path.name.rsplit("-", 1)[1] for path in (run_dir / "wandb").glob("offline-run-*")}
+        return {path.stem.removeprefix("run-") for path in (run_dir / "wandb").glob("offline-run-*/run-*.wandb")}
 
     first, other = tmp_path / "cut", tmp_path / "other"
     first.mkdir(), other.mkdir()
