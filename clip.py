@@ -14,9 +14,7 @@ import hashlib
 import json
 import random
 import re
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -677,49 +675,6 @@ class AugmentationEpoch(TrainerCallback):
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self.transform.epoch = int(state.epoch + 1e-6)
-
-
-class StopOnSignal(TrainerCallback):
-    """SIGINT / SIGTERM during `with stop: trainer.train()`: the step in flight finishes, a checkpoint
-    is saved, training stops. A second signal gets the default behaviour (stop at once)."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.received = None        # the signal's name; under DDP, the one any process received
-        self._previous = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():    # handlers can only be set there
-            self._previous = {number: signal.signal(number, self._handle) for number in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc_info):
-        self._restore()
-
-    def _restore(self):
-        for number, handler in self._previous.items():
-            signal.signal(number, handler)
-        self._previous = {}
-
-    def _handle(self, number, frame):
-        self.received = signal.Signals(number).name
-        print(f"\n{self.received} received: saving a checkpoint after this step, then stopping "
-              f"(send it again to stop at once, without one)", file=sys.stderr, flush=True)
-        self._restore()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if _distributed():      # all processes stop at the same step, or the checkpoint's collectives hang
-            number = torch.tensor(signal.Signals[self.received].value if self.received else 0, device=args.device)
-            torch.distributed.all_reduce(number, op=torch.distributed.ReduceOp.MAX)
-            self.received = signal.Signals(int(number)).name if int(number) else None
-        if self.received:
-            control.should_save = True
-            control.should_training_stop = True
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        if self.received:       # no end-of-epoch evaluation after an interruption: the user wants out
-            control.should_evaluate = False
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,11 +18,7 @@ checkpoints saved before it.
 """
 from __future__ import annotations
 
-import signal
-import sys
-import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -145,73 +141,37 @@ def load_classifier(model_name: str, label_names: list[str], trust_remote_code: 
 
 
 # ---------------------------------------------------------------------------------------------
-# Trainer pieces: interruption, NaN guard, resumable length-grouped sampling
+# Trainer pieces: NaN guard, resumable length-grouped sampling
 # ---------------------------------------------------------------------------------------------
 
-class TrainingGuard:
-    """Stops training at a step boundary, for two reasons.
-
-    SIGINT / SIGTERM: the step in flight finishes, a checkpoint is saved, training stops (a second
-    signal stops at once, without one). A NaN or infinite loss: training stops and nothing more is
-    saved, so the newest checkpoint on disk is the last good one. Under DDP the processes agree on
-    the decision at every step, so they all stop at the same one.
-    """
+class NonFiniteLossGuard:
+    """Stops training at the first NaN or infinite loss and saves nothing more, so the newest checkpoint
+    on disk is the last good one. Under DDP the processes agree at every step, so they all stop at the
+    same one."""
 
     def __init__(self):
-        self.signal_number = None
         self.bad_loss = None             # (step, value) of the first non-finite loss seen here
-        self.stopped = None              # "nonfinite" | "signal" once the processes agree
+        self.stopped = False             # once the processes agree
 
     def observe_loss(self, loss, step: int) -> None:
         if self.bad_loss is None and not bool(loss.isfinite().all()):
             self.bad_loss = (step, float(loss.detach().float().mean()))
 
-    @contextmanager
-    def catching_signals(self):
-        if threading.current_thread() is not threading.main_thread():
-            yield  # signal handlers can only be installed from the main thread
-            return
-        previous = {number: signal.signal(number, self._on_signal) for number in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for number, handler in previous.items():
-                signal.signal(number, handler)
-
-    def _on_signal(self, number, frame):
-        if self.signal_number is not None:
-            raise KeyboardInterrupt
-        self.signal_number = number
-        print(f"\n{signal.Signals(number).name} received: finishing this step and saving a checkpoint "
-              f"(send it again to stop at once, without one)", file=sys.stderr, flush=True)
-
     def on_step_end(self, control, device):
-        """Runs after the Trainer's own flow callback, so it can veto the saves that one schedules."""
-        import torch
-        import torch.distributed as dist
-
-        flags = torch.tensor([self.bad_loss is not None, self.signal_number is not None],
-                             dtype=torch.float32, device=device)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        if flags[0]:
-            self.stopped = "nonfinite"
+        """Runs after every other callback, so it can veto the saves they schedule."""
+        if utils.largest_across_processes(int(self.bad_loss is not None), device):
+            self.stopped = True
             control.should_training_stop = True
             control.should_save = control.should_evaluate = False
-        elif flags[1]:
-            self.stopped = "signal"
-            control.should_training_stop = control.should_save = True
 
-    def on_epoch_end(self, control, epoch: float):
-        # The Trainer evaluates and saves at every epoch end, also of an epoch cut short above; only a
-        # finished epoch may, or a resumed run would track a different best checkpoint.
-        if self.stopped == "nonfinite" or (self.stopped == "signal" and epoch % 1):
+    def on_epoch_end(self, control):
+        if self.stopped:  # the Trainer would evaluate and save at the end of the epoch cut short
             control.should_save = control.should_evaluate = False
 
 
-def make_trainer(guard: TrainingGuard, callbacks=(), **kwargs):
-    """A Trainer whose every training loss the guard sees, and whose length-grouped order is seeded
-    by (seed, epoch), so a run resumed mid-epoch replays the same batches."""
+def make_trainer(guard: NonFiniteLossGuard, callbacks=(), **kwargs):
+    """A Trainer whose every training loss the guard sees (its callback runs last), and whose
+    length-grouped order is seeded by (seed, epoch), so a run resumed mid-epoch replays the same batches."""
     import torch
     from transformers import Trainer, TrainerCallback
     from transformers.trainer_pt_utils import LengthGroupedSampler
@@ -221,7 +181,7 @@ def make_trainer(guard: TrainingGuard, callbacks=(), **kwargs):
             guard.on_step_end(control, args.device)
 
         def on_epoch_end(self, args, state, control, **_):
-            guard.on_epoch_end(control, state.epoch)
+            guard.on_epoch_end(control)
 
     class SeededLengthGroupedSampler(LengthGroupedSampler):
         # the stock one draws from the global RNG when an epoch starts, which a resume cannot replay
@@ -249,7 +209,7 @@ def make_trainer(guard: TrainingGuard, callbacks=(), **kwargs):
                 return SeededLengthGroupedSampler(sampler.batch_size, sampler.lengths, seed)
             return sampler
 
-    return GuardedTrainer(callbacks=[GuardCallback(), *callbacks], **kwargs)
+    return GuardedTrainer(callbacks=[*callbacks, GuardCallback()], **kwargs)
 
 
 def training_arguments(config: dict, run_dir: Path, report_to: list[str], device: str):
@@ -357,12 +317,12 @@ def main(argv: list[str] | None = None, callbacks=()):
     report_to = utils.trainer_reporters(config)
 
     # 6. the Trainer: best checkpoint by validation metric, metrics from evaluate.py
-    guard = TrainingGuard()
+    guard, stop = NonFiniteLossGuard(), utils.StopOnSignal()
     trainer = make_trainer(
         guard, model=model, args=training_arguments(config, run_dir, report_to, device),
         train_dataset=tokenized["train"], eval_dataset=tokenized["validation"], processing_class=tokenizer,
         data_collator=make_collator(tokenizer, device), compute_metrics=evaluate.compute_metrics,
-        preprocess_logits_for_metrics=evaluate.preprocess_logits_for_metrics, callbacks=callbacks)
+        preprocess_logits_for_metrics=evaluate.preprocess_logits_for_metrics, callbacks=[stop.callback(), *callbacks])
 
     # 7. the `pretrained` stage: the same model before any training
     metrics, outputs, speed = {}, {}, {}
@@ -374,10 +334,10 @@ def main(argv: list[str] | None = None, callbacks=()):
     checkpoint = utils.latest_checkpoint(run_dir) if config["resume"] else None
     if config["resume"] and main_process:
         print(f"resuming from {checkpoint}" if checkpoint else f"resume: no checkpoint in {run_dir}; starting afresh")
-    with utils.timed(timing, "train"), guard.catching_signals():
+    with utils.timed(timing, "train"), stop:
         train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    if guard.stopped == "nonfinite" or guard.signal_number is not None:
-        stop_early(guard, trainer, run_dir, config, loggers)
+    if guard.stopped or stop.received:
+        stop_early(guard, stop, trainer, run_dir, config, loggers)
 
     # 9. the `fine_tuned` stage: the best checkpoint (loaded by the Trainer) on validation and test
     with utils.timed(timing, "evaluate"):
@@ -426,24 +386,19 @@ def main(argv: list[str] | None = None, callbacks=()):
     return run_dir
 
 
-def stop_early(guard: TrainingGuard, trainer, run_dir: Path, config: dict, loggers) -> None:
-    """End the run after the guard stopped training: an error for a bad loss, a clean exit for a signal."""
-    step = trainer.state.global_step
+def stop_early(guard: NonFiniteLossGuard, stop: utils.StopOnSignal, trainer, run_dir: Path, config: dict,
+               loggers) -> None:
+    """End a run whose training stopped early: an error for a bad loss, a clean exit for a signal."""
     checkpoint = utils.latest_checkpoint(run_dir)
     if loggers is not None:
         loggers.finish()
-    if guard.stopped == "nonfinite":
+    if guard.stopped:
         where = f"at step {guard.bad_loss[0]} ({guard.bad_loss[1]})" if guard.bad_loss else "in another process"
         kept = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint had been saved yet"
         raise utils.LabError(f"training stopped: the loss became NaN or infinite {where}; nothing after it was "
                              f"saved and {kept}. Lower learning_rate (or lora.learning_rate) or max_grad_norm and "
                              f"run again")
-    name = signal.Signals(guard.signal_number).name
-    if trainer.is_world_process_zero():
-        print(f"{name}: training stopped at step {step}; checkpoint {checkpoint}. Continue with the same "
-              f"arguments plus resume=True run_name={run_dir.name} output_dir={config['output_dir']}",
-              file=sys.stderr, flush=True)
-    raise SystemExit(128 + guard.signal_number)
+    stop.exit(trainer.state.global_step, checkpoint, run_dir, config["output_dir"], trainer.is_world_process_zero())
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ training before its update, keeping the checkpoints saved until then.
 """
 from __future__ import annotations
 
-import signal
 import sys
 import time
 from pathlib import Path
@@ -224,11 +223,11 @@ def main(argv: list[str] | None = None, callbacks=()):
     classifier.model = model
     trainable, total = utils.count_parameters(model)
     print(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.3f}%)")
-    stop = clip.StopOnSignal()
+    stop = utils.StopOnSignal()
     trainer = clip.CLIPTrainer(model=model, args=training_arguments(config, run_dir, device), train_dataset=training,
                                eval_dataset=evaluation, data_collator=collator, loss=config["loss"],
                                zero_shot=classifier,
-                               callbacks=[*callbacks, clip.AugmentationEpoch(train_transform), stop])
+                               callbacks=[*callbacks, clip.AugmentationEpoch(train_transform), stop.callback()])
     checkpoint = utils.latest_checkpoint(run_dir / "checkpoints") if config["resume"] else None
     if config["resume"]:
         print(f"resuming from {checkpoint}" if checkpoint else f"resume: no checkpoint in {run_dir}; starting afresh")
@@ -245,10 +244,8 @@ def main(argv: list[str] | None = None, callbacks=()):
     if stop.received:
         if loggers:
             loggers.finish()
-        print(f"{stop.received}: training stopped at step {trainer.state.global_step}; checkpoint "
-              f"{utils.latest_checkpoint(run_dir / 'checkpoints')}. Continue with the same arguments plus resume=True "
-              f"run_name={run_dir.name} output_dir={config['output_dir']}", file=sys.stderr, flush=True)
-        raise SystemExit(128 + signal.Signals[stop.received].value)
+        stop.exit(trainer.state.global_step, utils.latest_checkpoint(run_dir / "checkpoints"), run_dir,
+                  config["output_dir"])
     if main_process:
         LoRA.save_adapter(model, run_dir / "adapter")
 

@@ -11,8 +11,10 @@ import os
 import platform
 import random
 import shutil
+import signal
 import socket
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -288,6 +290,80 @@ def latest_checkpoint(folder: Path) -> Path | None:
     complete = [path for path in Path(folder).glob("checkpoint-*")
                 if path.name.split("-")[-1].isdigit() and (path / "trainer_state.json").exists()]
     return max(complete, key=lambda path: int(path.name.split("-")[-1]), default=None)
+
+
+def largest_across_processes(value: int, device) -> int:
+    """The largest of `value` over all DDP processes (the value itself in a single process): how the
+    processes agree on a decision, so they all take it at the same step."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    tensor = torch.tensor(value, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor)
+
+
+class StopOnSignal:
+    """SIGINT / SIGTERM while inside `with stop:` (around trainer.train()): the step in flight finishes,
+    a checkpoint is saved and training stops, through the Trainer callback `callback()`. A second signal
+    gets the usual behaviour (stop at once, without a checkpoint). Under DDP, a signal any process got
+    stops them all at the same step, or the checkpoint's collectives would hang."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received = None        # the signal's number
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # handlers can only be installed there
+            self._previous = {number: signal.signal(number, self._handle) for number in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info):
+        self._restore()
+
+    def _restore(self):
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous = {}
+
+    def _handle(self, number, frame):
+        self.received = number
+        print(f"\n{signal.Signals(number).name} received: saving a checkpoint after this step, then stopping "
+              f"(send it again to stop at once, without one)", file=sys.stderr, flush=True)
+        self._restore()
+
+    def callback(self):
+        """The TrainerCallback that stops training; pass it after the Trainer's own flow callback (any
+        `callbacks=` entry is), so it can veto what that one schedules."""
+        from transformers import TrainerCallback
+
+        stop = self
+
+        class StopCallback(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                stop.received = largest_across_processes(stop.received or 0, args.device) or None
+                if stop.received:
+                    control.should_save = control.should_training_stop = True
+
+            def on_epoch_end(self, args, state, control, **kwargs):
+                # The Trainer evaluates and saves at every epoch end, also of an epoch cut short; only a
+                # finished epoch may, or a resumed run would track a different best checkpoint.
+                if stop.received and state.epoch % 1:
+                    control.should_save = control.should_evaluate = False
+
+        return StopCallback()
+
+    def exit(self, step: int, checkpoint: Path | None, run_dir: Path, output_dir: str, announce: bool = True):
+        """Say how to continue (when `announce`), then exit with 128 + the signal's number, as shells do."""
+        if announce:
+            print(f"{signal.Signals(self.received).name}: training stopped at step {step}; checkpoint {checkpoint}. "
+                  f"Continue with the same arguments plus resume=True run_name={run_dir.name} "
+                  f"output_dir={output_dir}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + self.received)
 
 
 # ---------------------------------------------------------------------------------------------

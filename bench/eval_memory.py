@@ -50,7 +50,7 @@ def measure(model_name: str, dataset: str, n: int) -> dict:
     config = utils.parse_config(exercise_2.CONFIG, ["tensorboard=false", "wandb_mode=disabled"])
     with tempfile.TemporaryDirectory() as scratch:
         trainer = exercise_2.make_trainer(
-            exercise_2.TrainingGuard(), model=model,
+            exercise_2.NonFiniteLossGuard(), model=model,
             args=exercise_2.training_arguments(config, Path(scratch), [], "cpu"),
             eval_dataset=tokenized["validation"], processing_class=tokenizer,
             data_collator=exercise_2.make_collator(tokenizer, "cpu"), compute_metrics=evaluate.compute_metrics,

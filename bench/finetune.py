@@ -91,7 +91,7 @@ def train_steps(model_name: str, data, padding: str, warmup: int, timed: int, ba
     recorder = StepRecorder()
     token_counts = record_token_counts(model)
     trainer = exercise_2.make_trainer(
-        exercise_2.TrainingGuard(), model=model, args=args, train_dataset=tokenized["train"].select(picked),
+        exercise_2.NonFiniteLossGuard(), model=model, args=args, train_dataset=tokenized["train"].select(picked),
         eval_dataset=tokenized["validation"], processing_class=tokenizer, data_collator=collator,
         callbacks=[recorder])
     with contextlib.redirect_stdout(sys.stderr):  # the Trainer's log lines would mix with the JSON line

@@ -71,7 +71,7 @@ def test_trainer_metrics_on_hand_computed_example():
 
 
 def test_guard_flags_nan_and_inf_losses_only():
-    guard = exercise_2.TrainingGuard()
+    guard = exercise_2.NonFiniteLossGuard()
     guard.observe_loss(torch.tensor(0.7), 1)
     assert guard.bad_loss is None
     guard.observe_loss(torch.tensor(float("inf")), 2)
