@@ -604,10 +604,7 @@ def class_loss(image_embeds: torch.Tensor, class_embeds: torch.Tensor, labels: t
 
 def _finite_everywhere(loss: torch.Tensor) -> bool:
     """Whether the loss is finite in every process: all stop together, none waits on the others."""
-    finite = torch.isfinite(loss.detach()).float()
-    if _distributed():
-        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-    return bool(finite)
+    return not utils.largest_across_processes(int(not torch.isfinite(loss.detach()).all()), loss.device)
 
 
 class NonFiniteLossError(RuntimeError):
