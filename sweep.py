@@ -214,8 +214,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main(sys.argv[1:]))
-    except utils.LabError as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2)
+    utils.run_cli(main)

@@ -146,15 +146,18 @@ def parse_config(defaults: dict, argv: list[str], choices: dict | None = None,
 
 
 def run_cli(main) -> None:
-    """Run `main(argv)` as a script: user errors print one line and exit with code 2."""
+    """Run `main(argv)` as a script: user errors print one line and exit with code 2; an int that
+    `main` returns is the exit status (other return values, like a run folder, mean success)."""
     try:
-        main(sys.argv[1:])
+        status = main(sys.argv[1:])
     except LabError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise SystemExit(130)
+    if isinstance(status, int):
+        raise SystemExit(status)
 
 
 # ---------------------------------------------------------------------------------------------
