@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from utils import LabError, count_parameters
+from utils import LabError
 
 # generic role -> module name, per model_type
 ATTENTION_NAMES = {
@@ -82,3 +82,10 @@ def load_adapter(base_model, path: Path, trainable: bool = False):
 def merge(model):
     """Fold the adapters into the base weights: a plain transformers model with no PEFT layers."""
     return model.merge_and_unload()
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

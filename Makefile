@@ -27,7 +27,7 @@ demo-2: setup
 	$(BIN)/python exercise_2.py model_name=$(MINILM) dataset=$(LAB_SHARED_DIR)/data/rotten_tomatoes $(ARGS)
 
 models/tiny-clip: | setup
-	$(BIN)/python clip.py build-tiny models/tiny-clip tokenizer_dir=$(LAB_SHARED_DIR)/models/clip-tokenizer
+	$(BIN)/python -m tools.build_tiny_clip models/tiny-clip tokenizer_dir=$(LAB_SHARED_DIR)/models/clip-tokenizer
 
 demo-3: setup models/tiny-clip
 	$(BIN)/python exercise_3.py model_name=models/tiny-clip dataset=$(LAB_SHARED_DIR)/data/tiny-imagenet-200 max_train_samples=2000 $(ARGS)
@@ -45,8 +45,8 @@ bench: setup
 	@mkdir -p bench/results && rm -f bench/results/*.log
 	@status=0; for run in features finetune zeroshot eval_memory "zeroshot --architecture vit-b-16 --images 128 --repeats 1"; do \
 		set -- $$run; name=$$1; shift; \
-		$(BIN)/python bench/$$name.py "$$@" --results-file bench/results/$$name.jsonl $(ARGS) 2>>bench/results/$$name.log \
-			|| { echo "bench/$$name.py $$* failed: see bench/results/$$name.log"; status=1; }; \
+		$(BIN)/python -m bench.$$name "$$@" --results-file bench/results/$$name.jsonl $(ARGS) 2>>bench/results/$$name.log \
+			|| { echo "bench.$$name $$* failed: see bench/results/$$name.log"; status=1; }; \
 	done; exit $$status
 
 clean:

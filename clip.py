@@ -1,8 +1,5 @@
-"""CLIP for exercise 3: image data, prompts, a zero-shot classifier and its evaluation, the
-image-text collator, a contrastive `CLIPTrainer`, and a small random-weight CLIP for offline runs.
-
-    python clip.py build-tiny models/tiny-clip              # random weights, real CLIP tokenizer
-    python clip.py build-tiny models/tiny-clip image_size=64 hidden_size=128
+"""CLIP only: loading, prompt templates, the lazy image transform, the image-text collator, the
+zero-shot head and its evaluation, the contrastive losses and `CLIPTrainer` (exercise 3).
 
 Images are never preprocessed ahead of time: datasets hold file paths (or the Hub's undecoded
 bytes) and `with_transform` opens, converts to RGB and preprocesses each batch when it is read,
@@ -11,9 +8,7 @@ so nothing image-sized is written to disk.
 from __future__ import annotations
 
 import hashlib
-import json
 import random
-import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -24,15 +19,14 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
 
+import data
 import evaluate
-import utils
+import hub
+import training
 from utils import LabError
 
-IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-WORDNET_ID = re.compile(r"^n\d{8}$")
+
 MAX_LOGIT_SCALE = 100.0           # CLIP's cap on the learned temperature, exp(logit_scale) <= 100
-TOKENIZER_DIR = "models/clip-tokenizer"    # inside the shared assets folder
-WORDS_FILE = "data/tiny-imagenet-200/words.txt"
 
 # Prompt sets. "single" is CLIP's default; "ensemble" is a small set of our own that suits
 # small, low-resolution 64x64 pictures. Features are averaged over a set's templates.
@@ -52,256 +46,8 @@ TEMPLATES = {
 
 
 # ---------------------------------------------------------------------------------------------
-# Class names
-# ---------------------------------------------------------------------------------------------
-
-def read_wordnet_words(words_file: Path) -> dict:
-    """wnid -> comma-separated synonyms, from the release's words.txt (`wnid<TAB>names`)."""
-    words = {}
-    for line in Path(words_file).read_text(encoding="utf-8").splitlines():
-        wnid, _, names = line.partition("\t")
-        words[wnid.strip()] = names.strip()
-    return words
-
-
-def readable_class_names(raw_names: list[str], style: str = "first", words_file: Path | None = None) -> list[str]:
-    """Unique, readable names for prompts.
-
-    `raw_names` are WordNet ids or folder names. `style`: "first" (first WordNet synonym),
-    "all" (every synonym, as in words.txt), or the path of a JSON file {raw name: readable name}
-    (classes it leaves out fall back to "first"). Folder names lose their underscores.
-    """
-    custom = {}
-    if style not in ("first", "all"):
-        custom_file = Path(style).expanduser()
-        if not custom_file.is_file():
-            raise LabError(f"class_names must be 'first', 'all' or a JSON file of names; {style!r} is none of these")
-        custom = json.loads(custom_file.read_text(encoding="utf-8"))
-    words = read_wordnet_words(words_file) if words_file and Path(words_file).is_file() else {}
-    names = []
-    for raw in raw_names:
-        if raw in custom:
-            names.append(str(custom[raw]))
-        elif raw in words:
-            names.append(words[raw] if style == "all" else words[raw].split(",")[0].strip())
-        else:
-            names.append(raw.replace("_", " "))
-    untranslated = [raw for raw, name in zip(raw_names, names) if WORDNET_ID.match(name)]
-    if untranslated:
-        print(f"warning: no readable name for {len(untranslated)} WordNet ids (e.g. {untranslated[0]}); "
-              f"prompts will use the ids. Point to a words.txt or set class_names=<names.json>")
-    counts = {}
-    for name in names:
-        counts[name] = counts.get(name, 0) + 1
-    # two classes with one name would get one prompt: keep them apart by their raw id
-    return [f"{name} ({raw})" if counts[name] > 1 else name for name, raw in zip(names, raw_names)]
-
-
-# ---------------------------------------------------------------------------------------------
-# Image data: the Tiny ImageNet release layout, an ImageFolder, or a Hub dataset
-# ---------------------------------------------------------------------------------------------
-
-def _image_files(folder: Path) -> list[str]:
-    return sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-
-
-def read_release_layout(folder: Path) -> tuple[dict, list[str]]:
-    """Tiny ImageNet as released: classes from wnids.txt (index = line), train/<wnid>/images/*,
-    val/images/* labelled by val/val_annotations.txt. Returns ({split: (paths, labels)}, wnids)."""
-    wnids = (folder / "wnids.txt").read_text(encoding="utf-8").split()
-    index = {wnid: i for i, wnid in enumerate(wnids)}
-    paths, labels = [], []
-    for wnid in wnids:
-        files = _image_files(folder / "train" / wnid)
-        paths += files
-        labels += [index[wnid]] * len(files)
-    splits = {"train": (paths, labels)}
-    annotations = folder / "val" / "val_annotations.txt"
-    if annotations.exists():
-        val_paths, val_labels = [], []
-        for line in annotations.read_text(encoding="utf-8").splitlines():
-            filename, wnid = line.split("\t")[:2]
-            if wnid not in index:
-                raise LabError(f"{annotations} labels {filename} with {wnid}, which is not in wnids.txt")
-            val_paths.append(str(folder / "val" / "images" / filename))
-            val_labels.append(index[wnid])
-        splits["validation"] = (val_paths, val_labels)
-    return splits, wnids
-
-
-def read_image_folder(folder: Path) -> tuple[dict, list[str]]:
-    """One sub-folder per class, either directly in `folder` (one split) or inside train/ and
-    val/ (or validation/, valid/). Classes come from the train folders, sorted."""
-    split_dirs = {"train": folder}
-    if (folder / "train").is_dir():
-        split_dirs = {"train": folder / "train"}
-        found = [folder / alias for alias in utils.SPLIT_ALIASES["validation"] if (folder / alias).is_dir()]
-        if found:
-            split_dirs["validation"] = found[0]
-    classes = sorted(p.name for p in split_dirs["train"].iterdir() if p.is_dir())
-    if not classes:
-        raise LabError(f"{split_dirs['train']} has no class sub-folders; an image dataset folder needs one "
-                       f"folder of images per class (or the Tiny ImageNet release layout)")
-    splits = {}
-    for split, split_dir in split_dirs.items():
-        unknown = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and p.name not in classes)
-        if unknown:
-            raise LabError(f"classes {unknown[:5]} in {split_dir} have no folder in {split_dirs['train']}")
-        paths, labels = [], []
-        for label, name in enumerate(classes):
-            files = _image_files(split_dir / name) if (split_dir / name).is_dir() else []
-            paths += files
-            labels += [label] * len(files)
-        splits[split] = (paths, labels)
-    return splits, classes
-
-
-def _select_rows(labels, max_classes: int | None, max_samples: int | None, seed: int, split: str) -> np.ndarray:
-    """Rows of the first `max_classes` classes, then a stratified, seeded subsample of them."""
-    labels = np.asarray(labels)
-    rows = np.arange(len(labels)) if max_classes is None else np.flatnonzero(labels < max_classes)
-    if max_samples is not None and max_samples < len(rows):
-        _, picked = utils.stratified_indices(labels[rows].tolist(), max_samples, seed)
-        rows = rows[picked]
-    elif max_samples is not None and max_samples > len(rows):
-        print(f"max samples {max_samples} > {len(rows)} images in {split}: using all {len(rows)}")
-    return rows
-
-
-def load_image_dataset(dataset: str, seed: int = 0, max_train_samples: int | None = None,
-                       max_eval_samples: int | None = None, max_classes: int | None = None,
-                       class_names: str = "first", validation_fraction: float = 0.1):
-    """A DatasetDict with train and validation splits; columns `image` (a file path, or the Hub's
-    undecoded {bytes, path}) and `label` (ClassLabel with readable names). No image is opened here.
-
-    `dataset`: the Tiny ImageNet release folder (wnids.txt, words.txt, train/, val/), an ImageFolder
-    (class sub-folders, optionally under train/ and val/), or a Hub id. Without a validation split,
-    one is carved from train (stratified, seeded). `max_classes` keeps the first N classes.
-    """
-    from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
-
-    path = Path(dataset).expanduser()
-    if not path.exists() and (dataset.startswith((".", "/", "~")) or dataset.count("/") > 1):
-        raise LabError(f"dataset path {dataset!r} does not exist")
-    if not path.exists():
-        return _load_hub_images(dataset, seed, max_train_samples, max_eval_samples, max_classes, class_names,
-                                validation_fraction)
-    if not path.is_dir():
-        raise LabError(f"dataset {dataset!r} is a file; give a folder (Tiny ImageNet release layout or one "
-                       f"sub-folder of images per class) or a Hub id")
-    if (path / "wnids.txt").exists():
-        splits, raw_names = read_release_layout(path)
-    else:
-        splits, raw_names = read_image_folder(path)
-    words_file = path / "words.txt" if (path / "words.txt").exists() else utils.shared_dir() / WORDS_FILE
-    if "validation" not in splits:
-        paths, labels = splits["train"]
-        rest, carved = utils.stratified_indices(labels, validation_fraction, seed)
-        print(f"{dataset} has no validation split: carving {len(carved)} images from train (stratified, seed {seed})")
-        splits = {"train": ([paths[i] for i in rest], [labels[i] for i in rest]),
-                  "validation": ([paths[i] for i in carved], [labels[i] for i in carved])}
-    if max_classes is not None:
-        raw_names = raw_names[:max_classes]
-    names = readable_class_names(raw_names, class_names, words_file)
-    features = Features({"image": Value("string"), "label": ClassLabel(names=names)})
-    data = {}
-    for split, (paths, labels) in splits.items():
-        if not paths:
-            raise LabError(f"the {split} split of {dataset} has no images ({', '.join(IMAGE_SUFFIXES)})")
-        limit = max_train_samples if split == "train" else max_eval_samples
-        rows = _select_rows(labels, max_classes, limit, seed, split)
-        data[split] = Dataset.from_dict({"image": [paths[i] for i in rows], "label": [labels[i] for i in rows]},
-                                        features=features)
-    return DatasetDict(data)
-
-
-def hub_image_splits(loaded, seed: int = 0, max_train_samples: int | None = None,
-                     max_eval_samples: int | None = None, max_classes: int | None = None,
-                     class_names: str = "first", validation_fraction: float = 0.1, words_file: Path | None = None):
-    """A Hub DatasetDict (an Image column and a ClassLabel column) in this module's format: image
-    bytes stay undecoded in the Hub's own cache; only row selections and feature types change."""
-    from datasets import ClassLabel, DatasetDict, Image
-
-    split_names = {}
-    for split in ("train", "validation"):
-        found = [alias for alias in utils.SPLIT_ALIASES[split] if alias in loaded]
-        if found:
-            split_names[split] = found[0]
-    if "train" not in split_names:
-        raise LabError(f"the dataset has no train split (splits: {list(loaded)})")
-    train = loaded[split_names["train"]]
-    image_column = next((c for c, f in train.features.items() if isinstance(f, Image)), None)
-    label_column = next((c for c, f in train.features.items() if isinstance(f, ClassLabel)), None)
-    if image_column is None or label_column is None:
-        raise LabError(f"the dataset needs an image column and a class-label column; it has {dict(train.features)}")
-    raw_names = train.features[label_column].names
-    data = {split: loaded[name] for split, name in split_names.items()}
-    if "validation" not in data:
-        rest, carved = utils.stratified_indices(list(train[label_column]), validation_fraction, seed)
-        data = {"train": train.select(rest), "validation": train.select(carved)}
-    if max_classes is not None:
-        raw_names = raw_names[:max_classes]
-    label_feature = ClassLabel(names=readable_class_names(raw_names, class_names, words_file))
-    result = {}
-    for split, table in data.items():
-        limit = max_train_samples if split == "train" else max_eval_samples
-        rows = _select_rows(list(table[label_column]), max_classes, limit, seed, split)
-        table = table.select(rows).select_columns([image_column, label_column])
-        table = table.rename_columns({old: new for old, new in ((image_column, "image"), (label_column, "label"))
-                                      if old != new})
-        result[split] = table.cast_column("image", Image(decode=False)).cast_column("label", label_feature)
-    return DatasetDict(result)
-
-
-def _load_hub_images(dataset, seed, max_train_samples, max_eval_samples, max_classes, class_names, validation_fraction):
-    from datasets import load_dataset
-
-    source = utils.resolve_pretrained(dataset, "dataset", "dataset=<the Tiny ImageNet release folder or an "
-                                      "ImageFolder>, e.g. ../shared/data/tiny-imagenet-200")
-    # The Hub's Tiny ImageNet labels are WordNet ids without names: read them from a words.txt
-    words_file = utils.shared_dir() / WORDS_FILE
-    return hub_image_splits(load_dataset(source), seed, max_train_samples, max_eval_samples, max_classes,
-                            class_names, validation_fraction, words_file)
-
-
-# ---------------------------------------------------------------------------------------------
 # Lazy image transform: open, convert to RGB, preprocess - per batch, when read
 # ---------------------------------------------------------------------------------------------
-
-def to_rgb(image):
-    """RGB for any PIL mode: grayscale and palette images are expanded; transparent pixels
-    (RGBA, LA, palette with transparency) are laid over white instead of showing garbage."""
-    from PIL import Image
-
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def open_rgb(item):
-    """A fully decoded RGB PIL image from a path, a Hub {bytes, path} dict or a PIL image."""
-    import io
-
-    from PIL import Image
-
-    if isinstance(item, dict):
-        item = io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]
-    if isinstance(item, Image.Image):
-        return to_rgb(item)
-    with Image.open(item) as image:
-        image.load()        # decode now, so a truncated file fails here and not in the model
-        return to_rgb(image)
-
-
-def image_id(item) -> str:
-    """A name for an image: its path, or a digest of its bytes when it has none."""
-    if isinstance(item, dict):
-        return item.get("path") or "sha1:" + hashlib.sha1(item["bytes"]).hexdigest()[:16]
-    return str(item)
 
 
 def random_augment(image, rng: random.Random):
@@ -338,9 +84,9 @@ class ImageTransform:
 
         images, ids = [], []
         for item in batch["image"]:
-            ids.append(image_id(item))
+            ids.append(data.image_id(item))
             try:
-                image = open_rgb(item)
+                image = data.open_rgb(item)
             except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
                 if self.on_bad_image == "fail":
                     raise LabError(f"unreadable image {ids[-1]}: {error} (bad_images=skip skips such files)") from None
@@ -360,6 +106,7 @@ class ImageTransform:
 # ---------------------------------------------------------------------------------------------
 # Collator: pixel values + the tokens of each image's class prompt
 # ---------------------------------------------------------------------------------------------
+
 
 def text_max_length(model) -> int:
     return clip_core(model).config.text_config.max_position_embeddings
@@ -399,6 +146,7 @@ class ImageTextCollator:
 # ---------------------------------------------------------------------------------------------
 # Zero-shot classification
 # ---------------------------------------------------------------------------------------------
+
 
 def clip_core(model):
     """The CLIPModel inside DDP and PEFT wrappers (PEFT's adapters live inside its modules)."""
@@ -559,6 +307,7 @@ def evaluate_zero_shot(classifier: ZeroShotClassifier, dataset, collator, batch_
 # Losses and the trainer
 # ---------------------------------------------------------------------------------------------
 
+
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized() \
         and torch.distributed.get_world_size() > 1
@@ -602,15 +351,6 @@ def class_loss(image_embeds: torch.Tensor, class_embeds: torch.Tensor, labels: t
     return F.cross_entropy(scale * image_embeds @ class_embeds.T, labels)
 
 
-def _finite_everywhere(loss: torch.Tensor) -> bool:
-    """Whether the loss is finite in every process: all stop together, none waits on the others."""
-    return not utils.largest_across_processes(int(not torch.isfinite(loss.detach()).all()), loss.device)
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; raised before the backward pass so the weights stay good."""
-
-
 class CLIPTrainer(Trainer):
     """Trainer for a CLIPModel (plain or with PEFT adapters).
 
@@ -645,8 +385,8 @@ class CLIPTrainer(Trainer):
             loss = class_loss(outputs.image_embeds, outputs.text_embeds, inputs["labels"], logit_scale)
         else:
             loss = clip_loss(outputs.image_embeds, outputs.text_embeds, logit_scale)
-        if not _finite_everywhere(loss):
-            raise NonFiniteLossError(f"the {self.loss} loss is {loss.item()} at step {self.state.global_step + 1}")
+        if not training._finite_everywhere(loss):
+            raise training.NonFiniteLossError(f"the {self.loss} loss is {loss.item()} at step {self.state.global_step + 1}")
         return (loss, outputs) if return_outputs else loss
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
@@ -675,8 +415,9 @@ class AugmentationEpoch(TrainerCallback):
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading a CLIP, and building a small random-weight one
+# Loading a CLIP
 # ---------------------------------------------------------------------------------------------
+
 
 def load_clip(model_name: str, trust_remote_code: bool = False):
     """(CLIPModel, tokenizer, image processor) from a Hub id or a local folder.
@@ -685,16 +426,16 @@ def load_clip(model_name: str, trust_remote_code: bool = False):
     """
     from transformers import AutoConfig, CLIPImageProcessorPil, CLIPModel
 
-    source = utils.resolve_pretrained(model_name, "model", "model_name=<a local CLIP folder>, e.g. one made by "
-                                      "`python clip.py build-tiny models/tiny-clip`")
+    source = hub.resolve_pretrained(model_name, "model", "model_name=<a local CLIP folder>, e.g. one made by "
+                                      "`python -m tools.build_tiny_clip models/tiny-clip`")
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
         raise LabError(f"{model_name} has no usable model config: {error}") from None
     if config.model_type != "clip":
         raise LabError(f"{model_name} is a {config.model_type} model; exercise 3 needs a CLIP model with image and "
-                       f"text towers, e.g. openai/clip-vit-base-patch16 or a folder from `python clip.py build-tiny`")
-    tokenizer = utils.load_tokenizer(source, trust_remote_code)
+                       f"text towers, e.g. openai/clip-vit-base-patch16 or a folder from `python -m tools.build_tiny_clip`")
+    tokenizer = hub.load_tokenizer(source, trust_remote_code)
     try:
         image_processor = CLIPImageProcessorPil.from_pretrained(source)
     except (OSError, ValueError, TypeError) as error:
@@ -702,70 +443,3 @@ def load_clip(model_name: str, trust_remote_code: bool = False):
     model = CLIPModel.from_pretrained(source, trust_remote_code=trust_remote_code)
     return model, tokenizer, image_processor
 
-
-TINY_CLIP = {
-    "tokenizer_dir": None,      # None = <shared>/models/clip-tokenizer (the real CLIP vocabulary)
-    "image_size": 32,
-    "patch_size": 8,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "layers": 2,
-    "heads": 2,
-    "projection_dim": 64,
-    "seed": 0,
-}
-
-
-def vit_b_16_config(vocab_size: int = 49408):
-    """The architecture of openai/clip-vit-base-patch16 (149,620,737 parameters): random weights in this
-    shape cost what the real model costs (bench/zeroshot.py) and count like it (LoRA accounting)."""
-    from transformers import CLIPConfig
-
-    return CLIPConfig(
-        text_config={"hidden_size": 512, "intermediate_size": 2048, "num_attention_heads": 8, "num_hidden_layers": 12,
-                     "vocab_size": vocab_size, "max_position_embeddings": 77},
-        vision_config={"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12,
-                       "num_hidden_layers": 12, "image_size": 224, "patch_size": 16},
-        projection_dim=512)
-
-
-def build_tiny_clip(folder: Path, **overrides) -> Path:
-    """Save a small random-weight CLIPModel with the real CLIP tokenizer and a PIL image
-    processor for `image_size` inputs to `folder`, loadable as model_name=<folder>."""
-    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer
-
-    spec = {**TINY_CLIP, **overrides}
-    tokenizer_dir = Path(spec["tokenizer_dir"] or utils.shared_dir() / TOKENIZER_DIR)
-    if not (tokenizer_dir / "vocab.json").exists() or not (tokenizer_dir / "merges.txt").exists():
-        raise LabError(f"no CLIP tokenizer files (vocab.json, merges.txt) in {tokenizer_dir}; "
-                       f"set LAB_SHARED_DIR or tokenizer_dir=<folder>")
-    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir), model_max_length=77)
-    size = spec["image_size"]
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-    tower = {"hidden_size": spec["hidden_size"], "intermediate_size": spec["intermediate_size"],
-             "num_hidden_layers": spec["layers"], "num_attention_heads": spec["heads"]}
-    config = CLIPConfig(
-        text_config={**tower, "vocab_size": len(tokenizer), "max_position_embeddings": 77,
-                     "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-                     "pad_token_id": tokenizer.pad_token_id},
-        vision_config={**tower, "image_size": size, "patch_size": spec["patch_size"]},
-        projection_dim=spec["projection_dim"])
-    torch.manual_seed(spec["seed"])
-    folder = Path(folder)
-    CLIPModel(config).save_pretrained(folder)
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
-    return folder
-
-
-def cli(argv: list[str]) -> None:
-    """`python clip.py build-tiny <folder> [key=value ...]` (keys: see TINY_CLIP)."""
-    if len(argv) < 2 or argv[0] != "build-tiny":
-        raise LabError("usage: python clip.py build-tiny <folder> [" + " ".join(f"{k}={v}" for k, v in TINY_CLIP.items()) + "]")
-    spec = utils.parse_config(TINY_CLIP, argv[2:], positive=tuple(k for k in TINY_CLIP if k not in ("tokenizer_dir", "seed")),
-                              script="clip.py build-tiny <folder>")
-    folder = build_tiny_clip(Path(argv[1]), **spec)
-    print(f"tiny random-weight CLIP ({spec['image_size']} px images) saved to {folder}; use model_name={folder}")
-
-
-if __name__ == "__main__":
-    utils.run_cli(cli)

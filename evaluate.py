@@ -193,13 +193,3 @@ def plot_training_curves(log_history: list[dict], path: Path | None = None,
         figure.savefig(path, dpi=110)
     return figure
 
-
-if __name__ == "__main__":
-    # `python evaluate.py report <runs folder>`: the results report lives in report.py
-    import sys
-
-    import report
-
-    if sys.argv[1:2] != ["report"]:
-        raise SystemExit("usage: python evaluate.py report <runs folder> [--no-tensorboard]")
-    raise SystemExit(report.main(sys.argv[2:]))

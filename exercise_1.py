@@ -14,8 +14,12 @@ import time
 
 import numpy as np
 
+import LoRA
+import data
 import evaluate
+import hub
 import utils
+
 
 CONFIG = {
     # what to run on: a Hub id or a local folder for each
@@ -54,11 +58,102 @@ POSITIVE = ("max_train_samples", "max_eval_samples", "max_length", "batch_size",
             "logreg_max_iter", "C_grid")
 
 
+# ---------------------------------------------------------------------------------------------
+# The lesson: one vector per text from a frozen encoder
+# ---------------------------------------------------------------------------------------------
+
+
+def pool(hidden, attention_mask, pooling: str):
+    """(batch, seq, dim) hidden states -> (batch, dim): first token (`cls`) or masked mean."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling == "mean":
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+    raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
+
+
+def pad_batch(sequences: list[list[int]], pad_id: int):
+    """Right-pad token id lists to the longest one: (input_ids, attention_mask) tensors."""
+    import torch
+
+    width = max(len(seq) for seq in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        input_ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[row, :len(seq)] = 1
+    return input_ids, attention_mask
+
+
+# On CPU a batch holds at most this many (padded) tokens: small batches keep their activations in
+# cache, about 10% faster than 64 texts of any length on 2 cores (bench/features.py).
+CPU_BATCH_TOKENS = 1024
+
+
+def length_batches(lengths: list[int], batch_size: int, max_tokens: int | None = None) -> list[np.ndarray]:
+    """Indices grouped into batches of similar length, longest first: at most `batch_size` items and,
+    when given, at most `max_tokens` padded tokens each (a single longer item still gets a batch)."""
+    order = np.argsort(lengths, kind="stable")[::-1]
+    batches, start = [], 0
+    while start < len(order):
+        width = max(lengths[order[start]], 1)  # the batch's longest item comes first
+        count = batch_size if max_tokens is None else max(1, min(batch_size, max_tokens // width))
+        batches.append(order[start:start + count])
+        start += count
+    return batches
+
+
+def extract_features(model, tokenizer, texts: list[str], pooling: str = "cls", max_length: int = 128,
+                     batch_size: int = 64, device: str = "cpu", desc: str = "features") -> np.ndarray:
+    """Pooled last-layer features (n, dim) float32, in the order of `texts`.
+
+    Tokenizes once without padding, then runs batches of similar length (sorted, longest first so
+    an out-of-memory shows at once) so padding costs almost nothing. On CPU, batches also hold at
+    most CPU_BATCH_TOKENS tokens and run in parallel on one worker thread per torch thread, each
+    batch single-threaded: one batch's small matmuls and elementwise ops split poorly across cores,
+    and single-threaded workers do not stall on each other when the machine is busy.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+    from tqdm.auto import tqdm
+
+    encoded = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    batches = length_batches([len(ids) for ids in encoded], batch_size, CPU_BATCH_TOKENS if device == "cpu" else None)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    model.eval().to(device)
+
+    def embed(rows):
+        input_ids, attention_mask = pad_batch([encoded[i] for i in rows], pad_id)
+        with torch.inference_mode():
+            hidden = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).last_hidden_state
+            return rows, pool(hidden, attention_mask.to(device), pooling).float().cpu().numpy()
+
+    threads = torch.get_num_threads()
+    workers = min(threads, len(batches)) if device == "cpu" else 1
+    features = None
+    workers_pool = ThreadPoolExecutor(max(workers, 1))
+    progress = tqdm(total=len(batches), desc=desc, unit="batch")
+    torch.set_num_threads(1 if workers > 1 else threads)
+    try:
+        for rows, pooled in workers_pool.map(embed, batches):
+            if features is None:
+                features = np.empty((len(texts), pooled.shape[1]), dtype=np.float32)
+            features[rows] = pooled
+            progress.update()
+    finally:
+        workers_pool.shutdown(cancel_futures=True)  # an error or Ctrl-C does not wait for the queued batches
+        torch.set_num_threads(threads)
+        progress.close()
+    return features
+
+
 def load_encoder(model_name: str, trust_remote_code: bool = False):
     """A frozen text encoder and its tokenizer, from a Hub id or a local folder."""
     from transformers import AutoModel
 
-    source, tokenizer = utils.text_model_source(model_name, "exercise 1", trust_remote_code)
+    source, tokenizer = hub.text_model_source(model_name, "exercise 1", trust_remote_code)
     model = AutoModel.from_pretrained(source, trust_remote_code=trust_remote_code, use_safetensors=None)
     return model.eval(), tokenizer
 
@@ -100,10 +195,10 @@ def main(argv: list[str] | None = None):
 
     # 2. data: train / validation / test with text and integer labels
     with utils.timed(timing, "load_data"):
-        data = utils.load_text_dataset(config["dataset"], config["text_column"], config["label_column"],
+        splits = data.load_text_dataset(config["dataset"], config["text_column"], config["label_column"],
                                        config["seed"], config["max_train_samples"], config["max_eval_samples"])
-    label_names = data["train"].features["label"].names
-    print(f"data: {', '.join(f'{s} {len(d)}' for s, d in data.items())}; classes {label_names}")
+    label_names = splits["train"].features["label"].names
+    print(f"data: {', '.join(f'{s} {len(d)}' for s, d in splits.items())}; classes {label_names}")
 
     # 3. the frozen encoder; the run folder and loggers only once data and model are in hand
     with utils.timed(timing, "load_model"):
@@ -116,12 +211,12 @@ def main(argv: list[str] | None = None):
     features, labels, throughput = {}, {}, {}
     model_key = utils.model_fingerprint(config["model_name"])
     with utils.timed(timing, "features"):
-        for split, dataset in data.items():
+        for split, dataset in splits.items():
             texts = dataset["text"]
             key = {"model": model_key, "texts": utils.texts_fingerprint(texts), "split": split,
                    "pooling": config["pooling"], "max_length": config["max_length"]}
             began = time.perf_counter()
-            compute = lambda: utils.extract_features(model, tokenizer, texts, config["pooling"], config["max_length"],
+            compute = lambda: extract_features(model, tokenizer, texts, config["pooling"], config["max_length"],
                                                      config["batch_size"], device, desc=f"features {split}")
             if config["cache_features"]:
                 features[split], hit = utils.cached_array(run_dir.parent / "cache", key, compute)
@@ -154,12 +249,12 @@ def main(argv: list[str] | None = None):
     timing["total"] = round(time.perf_counter() - start, 3)
 
     # 7. results file and summary
-    model_info = {"name": config["model_name"], "parameters": utils.count_parameters(model)[1],
+    model_info = {"name": config["model_name"], "parameters": LoRA.count_parameters(model)[1],
                   "hidden_size": int(features["train"].shape[1]), "pooling": config["pooling"]}
     evaluate.write_results(run_dir, "exercise_1", config, metrics, timing, model_info,
                            label_names=label_names, classifiers=chosen, confusion_matrices=matrices,
                            classification_reports=reports, throughput_sentences_per_s=throughput,
-                           data_sizes={split: len(dataset) for split, dataset in data.items()})
+                           data_sizes={split: len(dataset) for split, dataset in splits.items()})
     loggers.finish()
     print(f"\n{evaluate.results_table(metrics)}\n\nrun folder: {run_dir}")
     return run_dir

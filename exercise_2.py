@@ -24,8 +24,12 @@ from pathlib import Path
 import numpy as np
 
 import LoRA
+import data
 import evaluate
+import hub
+import training
 import utils
+
 
 CONFIG = {
     # what to run on: a Hub id or a local folder for each
@@ -91,7 +95,7 @@ POSITIVE = ("max_train_samples", "max_eval_samples", "max_length", "learning_rat
 
 def check_config(config: dict, device: str) -> None:
     """The checks parse_config's `positive` cannot express."""
-    utils.trainer_precision(config["mixed_precision"], device)
+    training.trainer_precision(config["mixed_precision"], device)
     for key in ("weight_decay", "warmup", "max_grad_norm"):
         if config[key] < 0:
             raise utils.LabError(f"{key!r} must be >= 0, got {config[key]!r}")
@@ -105,10 +109,11 @@ def check_config(config: dict, device: str) -> None:
 # Data and model
 # ---------------------------------------------------------------------------------------------
 
-def tokenize(data, tokenizer, max_length: int):
+
+def tokenize(splits, tokenizer, max_length: int):
     """Token ids per text, truncated but not padded: the collator pads each batch to its longest."""
     max_length = min(max_length, tokenizer.model_max_length)
-    return data.map(lambda batch: tokenizer(batch["text"], truncation=True, max_length=max_length),
+    return splits.map(lambda batch: tokenizer(batch["text"], truncation=True, max_length=max_length),
                     batched=True, remove_columns=["text"], desc="tokenize")
 
 
@@ -123,7 +128,7 @@ def load_classifier(model_name: str, label_names: list[str], trust_remote_code: 
     """A pretrained encoder with a fresh classification head for `label_names`, and its tokenizer."""
     from transformers import AutoModelForSequenceClassification
 
-    source, tokenizer = utils.text_model_source(model_name, "exercise 2", trust_remote_code)
+    source, tokenizer = hub.text_model_source(model_name, "exercise 2", trust_remote_code)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             source, num_labels=len(label_names), id2label=dict(enumerate(label_names)),
@@ -141,114 +146,8 @@ def load_classifier(model_name: str, label_names: list[str], trust_remote_code: 
 
 
 # ---------------------------------------------------------------------------------------------
-# Trainer pieces: NaN guard, resumable length-grouped sampling
+# Evaluation
 # ---------------------------------------------------------------------------------------------
-
-class NonFiniteLossGuard:
-    """Stops training at the first NaN or infinite loss and saves nothing more, so the newest checkpoint
-    on disk is the last good one. Under DDP the processes agree at every step, so they all stop at the
-    same one."""
-
-    def __init__(self):
-        self.bad_loss = None             # (step, value) of the first non-finite loss seen here
-        self.stopped = False             # once the processes agree
-
-    def observe_loss(self, loss, step: int) -> None:
-        if self.bad_loss is None and not bool(loss.isfinite().all()):
-            self.bad_loss = (step, float(loss.detach().float().mean()))
-
-    def on_step_end(self, control, device):
-        """Runs after every other callback, so it can veto the saves they schedule."""
-        if utils.largest_across_processes(int(self.bad_loss is not None), device):
-            self.stopped = True
-            control.should_training_stop = True
-            control.should_save = control.should_evaluate = False
-
-    def on_epoch_end(self, control):
-        if self.stopped:  # the Trainer would evaluate and save at the end of the epoch cut short
-            control.should_save = control.should_evaluate = False
-
-
-def make_trainer(guard: NonFiniteLossGuard, callbacks=(), **kwargs):
-    """A Trainer whose every training loss the guard sees (its callback runs last), and whose
-    length-grouped order is seeded by (seed, epoch), so a run resumed mid-epoch replays the same batches."""
-    import torch
-    from transformers import Trainer, TrainerCallback
-    from transformers.trainer_pt_utils import LengthGroupedSampler
-
-    class GuardCallback(TrainerCallback):
-        def on_step_end(self, args, state, control, **_):
-            guard.on_step_end(control, args.device)
-
-        def on_epoch_end(self, args, state, control, **_):
-            guard.on_epoch_end(control)
-
-    class SeededLengthGroupedSampler(LengthGroupedSampler):
-        # the stock one draws from the global RNG when an epoch starts, which a resume cannot replay
-        def __init__(self, batch_size: int, lengths: list[int], seed: int):
-            super().__init__(batch_size, lengths=lengths, generator=torch.Generator())
-            self.seed, self.epoch = seed, 0
-
-        def set_epoch(self, epoch: int):
-            self.epoch = epoch
-
-        def __iter__(self):
-            self.generator.manual_seed(self.seed + self.epoch)
-            return super().__iter__()
-
-    class GuardedTrainer(Trainer):
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            loss = super().training_step(model, inputs, num_items_in_batch)
-            guard.observe_loss(loss, self.state.global_step + 1)
-            return loss
-
-        def _get_train_sampler(self, train_dataset=None):
-            sampler = super()._get_train_sampler(train_dataset)
-            if type(sampler) is LengthGroupedSampler:
-                seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-                return SeededLengthGroupedSampler(sampler.batch_size, sampler.lengths, seed)
-            return sampler
-
-    return GuardedTrainer(callbacks=[*callbacks, GuardCallback()], **kwargs)
-
-
-def training_arguments(config: dict, run_dir: Path, report_to: list[str], device: str):
-    from transformers import TrainingArguments
-
-    precision = utils.trainer_precision(config["mixed_precision"], device)
-    lora = config["lora"]["enabled"]
-    steps = config["eval_strategy"] == "steps"
-    return TrainingArguments(
-        output_dir=str(run_dir),
-        run_name=run_dir.name,
-        report_to=report_to or "none",
-        seed=config["seed"],
-        learning_rate=config["lora"]["learning_rate"] if lora else config["learning_rate"],
-        num_train_epochs=config["num_train_epochs"],
-        max_steps=config["max_steps"] or -1,
-        per_device_train_batch_size=config["batch_size"],
-        per_device_eval_batch_size=config["eval_batch_size"],
-        gradient_accumulation_steps=config["gradient_accumulation_steps"],
-        weight_decay=config["weight_decay"],
-        warmup_steps=config["warmup"],
-        lr_scheduler_type=config["lr_scheduler_type"],
-        max_grad_norm=config["max_grad_norm"],
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
-        train_sampling_strategy="group_by_length" if config["group_by_length"] else "random",
-        eval_strategy=config["eval_strategy"],
-        eval_steps=config["eval_steps"] if steps else None,
-        save_strategy=config["eval_strategy"],  # the best checkpoint can only be one that was evaluated
-        save_steps=config["eval_steps"] if steps else None,
-        save_total_limit=config["save_total_limit"],
-        load_best_model_at_end=True,
-        metric_for_best_model=config["metric_for_best_model"],
-        logging_strategy="steps",
-        logging_steps=config["logging_steps"],
-        label_names=["labels"],
-        dataloader_pin_memory=device == "cuda",
-        use_cpu=device == "cpu",  # also what makes torchrun on CPU use DDP (gloo) instead of N separate runs
-    )
 
 
 def evaluate_stage(trainer, datasets) -> tuple[dict, dict, dict]:
@@ -292,11 +191,11 @@ def main(argv: list[str] | None = None, callbacks=()):
 
     # 2. data: train / validation / test with text and integer labels
     with utils.timed(timing, "load_data"):
-        data = utils.load_text_dataset(config["dataset"], config["text_column"], config["label_column"],
+        splits = data.load_text_dataset(config["dataset"], config["text_column"], config["label_column"],
                                        config["seed"], config["max_train_samples"], config["max_eval_samples"])
-    label_names = data["train"].features["label"].names
+    label_names = splits["train"].features["label"].names
     if main_process:
-        print(f"data: {', '.join(f'{s} {len(d)}' for s, d in data.items())}; classes {label_names}")
+        print(f"data: {', '.join(f'{s} {len(d)}' for s, d in splits.items())}; classes {label_names}")
 
     # 3. the model: pretrained encoder + fresh head (seeded), optionally wrapped with LoRA adapters
     with utils.timed(timing, "load_model"):
@@ -310,16 +209,16 @@ def main(argv: list[str] | None = None, callbacks=()):
 
     # 4. token ids without padding; the collator pads each batch to its own longest text
     with utils.timed(timing, "tokenize"):
-        tokenized = tokenize(data, tokenizer, config["max_length"])
+        tokenized = tokenize(splits, tokenizer, config["max_length"])
 
     # 5. the run folder (one for all processes) and loggers, once data and model are in hand
-    run_dir, loggers = utils.start_trainer_run(config, distributed, "exercise_2")
-    report_to = utils.trainer_reporters(config)
+    run_dir, loggers = training.start_trainer_run(config, distributed, "exercise_2")
+    report_to = training.trainer_reporters(config)
 
     # 6. the Trainer: best checkpoint by validation metric, metrics from evaluate.py
-    guard, stop = NonFiniteLossGuard(), utils.StopOnSignal()
-    trainer = make_trainer(
-        guard, model=model, args=training_arguments(config, run_dir, report_to, device),
+    guard, stop = training.NonFiniteLossGuard(), training.StopOnSignal()
+    trainer = training.make_trainer(
+        guard, model=model, args=training.training_arguments(config, run_dir, report_to, device),
         train_dataset=tokenized["train"], eval_dataset=tokenized["validation"], processing_class=tokenizer,
         data_collator=make_collator(tokenizer, device), compute_metrics=evaluate.compute_metrics,
         preprocess_logits_for_metrics=evaluate.preprocess_logits_for_metrics, callbacks=[stop.callback(), *callbacks])
@@ -331,7 +230,7 @@ def main(argv: list[str] | None = None, callbacks=()):
             metrics["pretrained"], outputs["pretrained"], speed["pretrained"] = evaluate_stage(trainer, tokenized)
 
     # 8. train, from the newest checkpoint when resuming
-    checkpoint = utils.latest_checkpoint(run_dir) if config["resume"] else None
+    checkpoint = training.latest_checkpoint(run_dir) if config["resume"] else None
     if config["resume"] and main_process:
         print(f"resuming from {checkpoint}" if checkpoint else f"resume: no checkpoint in {run_dir}; starting afresh")
     with utils.timed(timing, "train"), stop:
@@ -348,10 +247,10 @@ def main(argv: list[str] | None = None, callbacks=()):
 
     # 10. results file, plots and summary (main process only)
     matrices, reports = {}, {}
-    for stage, splits in outputs.items():
+    for stage, predictions in outputs.items():
         matrices[stage] = {split: evaluate.confusion(labels, predicted, len(label_names)).tolist()
-                           for split, (labels, predicted) in splits.items()}
-        reports[stage] = evaluate.classification_report_text(*splits["test"], label_names)
+                           for split, (labels, predicted) in predictions.items()}
+        reports[stage] = evaluate.classification_report_text(*predictions["test"], label_names)
     curves = evaluate.plot_training_curves(trainer.state.log_history, run_dir / "training_curves.png")
     confusion = evaluate.plot_confusion_matrix(np.asarray(matrices["fine_tuned"]["test"]), label_names,
                                                run_dir / "confusion_fine_tuned_test.png", "fine-tuned on test")
@@ -377,7 +276,7 @@ def main(argv: list[str] | None = None, callbacks=()):
         throughput={"train_samples_per_second": train_metrics.get("train_samples_per_second"),
                     "eval_samples_per_second": speed},
         confusion_matrices=matrices, classification_reports=reports,
-        data_sizes={split: len(dataset) for split, dataset in data.items()}, memory=peak_memory(device),
+        data_sizes={split: len(dataset) for split, dataset in splits.items()}, memory=peak_memory(device),
         log_history=trainer.state.log_history)
     loggers.finish()
     print(f"\n{evaluate.results_table(metrics)}\n\nbest checkpoint: {best}\n"
@@ -386,10 +285,10 @@ def main(argv: list[str] | None = None, callbacks=()):
     return run_dir
 
 
-def stop_early(guard: NonFiniteLossGuard, stop: utils.StopOnSignal, trainer, run_dir: Path, config: dict,
+def stop_early(guard: training.NonFiniteLossGuard, stop: training.StopOnSignal, trainer, run_dir: Path, config: dict,
                loggers) -> None:
     """End a run whose training stopped early: an error for a bad loss, a clean exit for a signal."""
-    checkpoint = utils.latest_checkpoint(run_dir)
+    checkpoint = training.latest_checkpoint(run_dir)
     if loggers is not None:
         loggers.finish()
     if guard.stopped:

@@ -6,7 +6,7 @@ then trained with a contrastive `CLIPTrainer` on the train split, and the same z
 classification runs again with class features re-encoded by the adapted text tower: the `lora` stage.
 
     python exercise_3.py                                          # Hub defaults (needs the Hub)
-    python clip.py build-tiny models/tiny-clip                    # offline: a small random-weight CLIP
+    python -m tools.build_tiny_clip models/tiny-clip                 # offline: a small random-weight CLIP
     python exercise_3.py model_name=models/tiny-clip dataset=../shared/data/tiny-imagenet-200 max_train_samples=2000
     python exercise_3.py ... run_name=r1 resume=True              # continue r1 from its newest checkpoint
     python exercise_3.py --help                                   # every key with its default
@@ -24,8 +24,11 @@ import numpy as np
 
 import LoRA
 import clip
+import data
 import evaluate
+import training
 import utils
+
 
 CONFIG = {
     # what to run on: a Hub id or a local folder for each
@@ -91,7 +94,7 @@ POSITIVE = ("max_classes", "max_train_samples", "max_eval_samples", "eval_batch_
 
 def check_config(config: dict, device: str) -> None:
     """The checks parse_config's `positive` cannot express."""
-    utils.trainer_precision(config["mixed_precision"], device)
+    training.trainer_precision(config["mixed_precision"], device)
     for key in ("weight_decay", "warmup", "max_grad_norm", "dataloader_num_workers", "num_sample_images"):
         if config[key] < 0:
             raise utils.LabError(f"{key!r} must be >= 0, got {config[key]!r}")
@@ -106,8 +109,8 @@ def check_config(config: dict, device: str) -> None:
 def training_arguments(config: dict, run_dir: Path, device: str):
     from transformers import TrainingArguments
 
-    precision = utils.trainer_precision(config["mixed_precision"], device)
-    report_to = utils.trainer_reporters(config)
+    precision = training.trainer_precision(config["mixed_precision"], device)
+    report_to = training.trainer_reporters(config)
     steps = config["eval_strategy"] == "steps"
     return TrainingArguments(
         output_dir=str(run_dir / "checkpoints"), run_name=run_dir.name, report_to=report_to or "none",
@@ -167,7 +170,7 @@ def plot_sample_predictions(raw_dataset, results: dict, names: list[str], path: 
         axis.axis("off")
     for axis, position in zip(axes.flat, picked):
         row, label, predicted = int(after.rows[position]), after.labels[position], after.predictions[position]
-        axis.imshow(clip.open_rgb(raw_dataset[row]["image"]))
+        axis.imshow(data.open_rgb(raw_dataset[row]["image"]))
         axis.set_title(f"{names[label][:18]}\nzs: {names[zero_shot_by_row[row]][:16]}\nlora: {names[predicted][:16]}",
                        fontsize=7, color="tab:green" if predicted == label else "tab:red")
     figure.tight_layout()
@@ -191,22 +194,22 @@ def main(argv: list[str] | None = None, callbacks=()):
 
     # 2. data: file paths and labels only; images are opened batch by batch when read
     with utils.timed(timing, "load_data"):
-        data = clip.load_image_dataset(config["dataset"], config["seed"], config["max_train_samples"],
+        splits = data.load_image_dataset(config["dataset"], config["seed"], config["max_train_samples"],
                                        config["max_eval_samples"], config["max_classes"], config["class_names"])
-    names = data["train"].features["label"].names
-    print(f"data: {', '.join(f'{s} {len(d)}' for s, d in data.items())} images; {len(names)} classes, "
+    names = splits["train"].features["label"].names
+    print(f"data: {', '.join(f'{s} {len(d)}' for s, d in splits.items())} images; {len(names)} classes, "
           f"e.g. {names[:5]}")
 
     # 3. the model (checked before a run folder exists: a text-only model is refused here)
     with utils.timed(timing, "load_model"):
         model, tokenizer, image_processor = clip.load_clip(config["model_name"], config["trust_remote_code"])
     model.to(distributed.device)
-    base_parameters = utils.count_parameters(model)[1]
-    run_dir, loggers = utils.start_trainer_run(config, distributed, "exercise_3")
-    evaluation = data["validation"].with_transform(clip.ImageTransform(image_processor, config["bad_images"]))
+    base_parameters = LoRA.count_parameters(model)[1]
+    run_dir, loggers = training.start_trainer_run(config, distributed, "exercise_3")
+    evaluation = splits["validation"].with_transform(clip.ImageTransform(image_processor, config["bad_images"]))
     train_transform = clip.ImageTransform(image_processor, config["bad_images"],
                                           augment_seed=config["seed"] if config["augment"] else None)
-    training = data["train"].with_transform(train_transform)
+    train_data = splits["train"].with_transform(train_transform)
     collator = clip.ImageTextCollator(tokenizer, names, config["train_template"], clip.text_max_length(model))
     classifier = clip.ZeroShotClassifier(model, tokenizer, names, clip.TEMPLATES[config["prompts"]])
 
@@ -221,30 +224,30 @@ def main(argv: list[str] | None = None, callbacks=()):
     # 5. LoRA adapters and contrastive fine-tuning
     model = LoRA.apply_lora(model, config["lora"], task_type=None)
     classifier.model = model
-    trainable, total = utils.count_parameters(model)
+    trainable, total = LoRA.count_parameters(model)
     print(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.3f}%)")
-    stop = utils.StopOnSignal()
-    trainer = clip.CLIPTrainer(model=model, args=training_arguments(config, run_dir, device), train_dataset=training,
+    stop = training.StopOnSignal()
+    trainer = clip.CLIPTrainer(model=model, args=training_arguments(config, run_dir, device), train_dataset=train_data,
                                eval_dataset=evaluation, data_collator=collator, loss=config["loss"],
                                zero_shot=classifier,
                                callbacks=[*callbacks, clip.AugmentationEpoch(train_transform), stop.callback()])
-    checkpoint = utils.latest_checkpoint(run_dir / "checkpoints") if config["resume"] else None
+    checkpoint = training.latest_checkpoint(run_dir / "checkpoints") if config["resume"] else None
     if config["resume"]:
         print(f"resuming from {checkpoint}" if checkpoint else f"resume: no checkpoint in {run_dir}; starting afresh")
     try:
         with utils.timed(timing, "train"), stop:
             train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    except clip.NonFiniteLossError as error:
+    except training.NonFiniteLossError as error:
         if loggers:
             loggers.finish()
-        kept = utils.latest_checkpoint(run_dir / "checkpoints")
+        kept = training.latest_checkpoint(run_dir / "checkpoints")
         raise utils.LabError(f"training stopped: {error}; the update was not applied and "
                              f"{f'the last good checkpoint is {kept}' if kept else 'no checkpoint had been saved yet'}. "
                              f"Lower learning_rate or max_grad_norm and run again") from None
     if stop.received:
         if loggers:
             loggers.finish()
-        stop.exit(trainer.state.global_step, utils.latest_checkpoint(run_dir / "checkpoints"), run_dir,
+        stop.exit(trainer.state.global_step, training.latest_checkpoint(run_dir / "checkpoints"), run_dir,
                   config["output_dir"])
     if main_process:
         LoRA.save_adapter(model, run_dir / "adapter")
@@ -267,7 +270,7 @@ def main(argv: list[str] | None = None, callbacks=()):
         "per_class_accuracy_change": plot_per_class_change(results["zero_shot"].per_class_recall,
                                                            results["lora"].per_class_recall, names,
                                                            run_dir / "per_class_accuracy_change.png"),
-        "sample_predictions": plot_sample_predictions(data["validation"], results, names,
+        "sample_predictions": plot_sample_predictions(splits["validation"], results, names,
                                                       run_dir / "sample_predictions.png",
                                                       config["num_sample_images"], config["seed"]),
         "training_curves": evaluate.plot_training_curves(trainer.state.log_history, run_dir / "training_curves.png"),
@@ -301,7 +304,7 @@ def main(argv: list[str] | None = None, callbacks=()):
                   "train_samples_per_second": train_output.metrics.get("train_samples_per_second"),
                   "resumed_from": str(checkpoint) if checkpoint else None, "device": device,
                   "processes": distributed.num_processes},
-        data_sizes={split: len(dataset) for split, dataset in data.items()}, log_history=trainer.state.log_history)
+        data_sizes={split: len(dataset) for split, dataset in splits.items()}, log_history=trainer.state.log_history)
     loggers.finish()
     confused = ", ".join(f"{pair['true']} -> {pair['predicted']} ({pair['count']})"
                          for pair in results["lora"].most_confused[:3])

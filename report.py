@@ -1,6 +1,6 @@
 """The results report: every results.json below a runs folder -> REPORT.md, PNGs and TensorBoard text.
 
-    python evaluate.py report runs          # same as: python report.py runs
+    python report.py runs                   # REPORT.md in runs/
     tensorboard --logdir runs               # the report is under the "report" run, Text tab
 
 REPORT.md has one table per exercise (a row per run, stage and split), a comparison across exercises

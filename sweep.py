@@ -3,7 +3,7 @@
     python sweep.py exercise_2.py learning_rate=1e-5,3e-5,5e-5 batch_size=16,32 max_steps=200
     python sweep.py exercise_1.py svc_C=0.1,1,10 pooling=cls,mean run_name=svc-grid
     python sweep.py exercise_2.py learning_rate=1e-5,3e-5 --dry-run     # print the commands only
-    python evaluate.py report runs/svc-grid                              # ablation table and plot
+    python report.py runs/svc-grid                                      # ablation table and plot
 
 A value with commas is a grid axis; a single value goes to every run unchanged. For list-valued keys
 (`C_grid`, `lora.target_modules`) a plain comma list is one value and bracketed lists are the axis:
@@ -198,7 +198,7 @@ def summary_text(summary: dict) -> str:
              f"{len(summary['points'])} runs ok, {len(failed)} failed"]
     lines += [f"  failed: {point['name']} (exit {point['returncode']}; log {point['log']}): {point['error']}"
               for point in failed]
-    lines.append(f"report: python evaluate.py report {summary['sweep_dir']}")
+    lines.append(f"report: python report.py {summary['sweep_dir']}")
     return "\n".join(lines)
 
 

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # the bench scripts import the exercises and utils from the repo root
 
 # Linear layers that see one vector per sequence (the [CLS] token), not every token.
 PER_SEQUENCE_LAYERS = ("pooler", "pre_classifier", "classifier")

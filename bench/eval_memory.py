@@ -6,8 +6,8 @@ subprocess: build exercise 2's Trainer, warm it up on a few examples, reset the 
 mark (/proc/self/clear_refs), predict on the N examples, and read the peak (VmHWM). Growth = peak
 during the evaluation minus RSS just before it. The JSON line gives both sizes and the ratios.
 
-    python bench/eval_memory.py                          # real MiniLM, N = 1000 and 4000
-    python bench/eval_memory.py --smoke --model <folder> # a few seconds, any small encoder
+    python -m bench.eval_memory                          # real MiniLM, N = 1000 and 4000
+    python -m bench.eval_memory --smoke --model <folder> # a few seconds, any small encoder
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import common
+from bench import common
+import data
 
 common.offline_env()
 
@@ -41,17 +42,18 @@ def measure(model_name: str, dataset: str, n: int) -> dict:
     """Runs in the child: exercise 2's Trainer predicting on n examples; memory before and at peak."""
     import evaluate
     import exercise_2
+    import training
     import utils
 
-    data = utils.load_text_dataset(dataset, seed=0, max_train_samples=n, max_eval_samples=16)
+    splits = data.load_text_dataset(dataset, seed=0, max_train_samples=n, max_eval_samples=16)
     utils.set_seed(0)  # the fresh classification head, as exercise 2 seeds it
-    model, tokenizer = exercise_2.load_classifier(model_name, data["train"].features["label"].names)
-    tokenized = exercise_2.tokenize(data, tokenizer, exercise_2.CONFIG["max_length"])
+    model, tokenizer = exercise_2.load_classifier(model_name, splits["train"].features["label"].names)
+    tokenized = exercise_2.tokenize(splits, tokenizer, exercise_2.CONFIG["max_length"])
     config = utils.parse_config(exercise_2.CONFIG, ["tensorboard=false", "wandb_mode=disabled"])
     with tempfile.TemporaryDirectory() as scratch:
-        trainer = exercise_2.make_trainer(
-            exercise_2.NonFiniteLossGuard(), model=model,
-            args=exercise_2.training_arguments(config, Path(scratch), [], "cpu"),
+        trainer = training.make_trainer(
+            training.NonFiniteLossGuard(), model=model,
+            args=training.training_arguments(config, Path(scratch), [], "cpu"),
             eval_dataset=tokenized["validation"], processing_class=tokenizer,
             data_collator=exercise_2.make_collator(tokenizer, "cpu"), compute_metrics=evaluate.compute_metrics,
             preprocess_logits_for_metrics=evaluate.preprocess_logits_for_metrics)
@@ -74,9 +76,9 @@ ALLOCATORS = {"default": {}, "fixed_mmap_threshold": {"MALLOC_MMAP_THRESHOLD_": 
 
 
 def run_child(model_name: str, dataset: str, n: int, threads: int | None, allocator_env: dict) -> dict:
-    command = [sys.executable, __file__, "--child", str(n), "--model", model_name, "--dataset", dataset]
+    command = [sys.executable, "-m", "bench.eval_memory", "--child", str(n), "--model", model_name, "--dataset", dataset]
     done = subprocess.run(command + (["--threads", str(threads)] if threads else []), capture_output=True, text=True,
-                          env={**os.environ, **allocator_env})
+                          env={**os.environ, **allocator_env}, cwd=common.ROOT)
     if done.returncode != 0:
         raise SystemExit(f"evaluation of {n} examples failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])

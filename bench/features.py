@@ -6,16 +6,18 @@ two sides; the median round counts. Efficiency is the extractor's useful FLOP/s 
 real, unpadded token counts; end-to-end time including tokenization) divided by an fp32
 square-matmul FLOP/s measured right before and after it, in the same round.
 
-    python bench/features.py                          # real MiniLM, 1000 sentences
-    python bench/features.py --smoke --model <folder> # a few seconds, any small encoder
+    python -m bench.features                          # real MiniLM, 1000 sentences
+    python -m bench.features --smoke --model <folder> # a few seconds, any small encoder
 """
 from __future__ import annotations
 
 import numpy as np
 
-import common
+from bench import common
 
 common.offline_env()
+import exercise_1  # noqa: E402
+import data  # noqa: E402
 import exercise_1  # noqa: E402
 import utils  # noqa: E402
 
@@ -44,19 +46,19 @@ def main() -> None:
     args.repeats = 1 if args.smoke else args.repeats
     matmul_size = 256 if args.smoke else 2048
 
-    texts = list(utils.load_text_dataset(args.dataset, seed=0, max_train_samples=n)["train"]["text"])
+    texts = list(data.load_text_dataset(args.dataset, seed=0, max_train_samples=n)["train"]["text"])
     model, tokenizer = exercise_1.load_encoder(args.model)
     lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=args.max_length)["input_ids"]]
 
     def extract():
-        return utils.extract_features(model, tokenizer, texts, args.pooling, args.max_length, args.batch_size,
+        return exercise_1.extract_features(model, tokenizer, texts, args.pooling, args.max_length, args.batch_size,
                                       "cpu", desc="bench features")
 
     def course():
         return pipeline_features(args.model, texts, args.pooling, args.max_length)
 
     # warm-up on the same few sentences: imports, thread pools, first allocations
-    utils.extract_features(model, tokenizer, texts[:32], args.pooling, args.max_length, args.batch_size, "cpu")
+    exercise_1.extract_features(model, tokenizer, texts[:32], args.pooling, args.max_length, args.batch_size, "cpu")
     pipeline_features(args.model, texts[:32], args.pooling, args.max_length)
     rounds, ours, theirs = common.paired_rounds(extract, course, args.repeats, matmul_size)
 

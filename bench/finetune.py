@@ -12,8 +12,8 @@ Samples/s counts the steps after the first `--warmup`. Efficiency: useful FLOP/s
 matmul FLOPs on the real tokens each step saw: forward + backward) over an fp32 matmul FLOP/s
 measured right before and after our run; the median of `--repeats` runs of our side counts.
 
-    python bench/finetune.py                          # real MiniLM, 12 steps each
-    python bench/finetune.py --smoke --model <folder> # a few seconds, any small encoder
+    python -m bench.finetune                          # real MiniLM, 12 steps each
+    python -m bench.finetune --smoke --model <folder> # a few seconds, any small encoder
 """
 from __future__ import annotations
 
@@ -23,10 +23,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import common
+from bench import common
 
 common.offline_env()
+import data  # noqa: E402
 import exercise_2  # noqa: E402
+import training  # noqa: E402
 import utils  # noqa: E402
 from transformers import DataCollatorWithPadding, TrainerCallback  # noqa: E402
 
@@ -68,30 +70,30 @@ def exercise_batches(lengths: list[int], batch_size: int, count: int, seed: int)
     return [batches[b] for b in sorted(picked)]
 
 
-def train_steps(model_name: str, data, padding: str, warmup: int, timed: int, batch_size: int, run_dir: Path) -> dict:
+def train_steps(model_name: str, splits, padding: str, warmup: int, timed: int, batch_size: int, run_dir: Path) -> dict:
     """Train `warmup + timed` optimizer steps the exercise-2 way: `timed` of exercise 2's own batches
     (see `exercise_batches`), after `warmup` repeats of the first of them; `padding`: "dynamic" or "max_length"."""
-    label_names = data["train"].features["label"].names
+    label_names = splits["train"].features["label"].names
     utils.set_seed(0)
     model, tokenizer = exercise_2.load_classifier(model_name, label_names)
     config = utils.parse_config(exercise_2.CONFIG, [
         f"max_steps={warmup + timed}", f"batch_size={batch_size}", "eval_strategy=steps", "eval_steps=1000000",
         "logging_steps=1000000", "tensorboard=false", "wandb_mode=disabled"])
-    dynamic = exercise_2.tokenize(data, tokenizer, config["max_length"])
+    dynamic = exercise_2.tokenize(splits, tokenizer, config["max_length"])
     batches = exercise_batches([len(ids) for ids in dynamic["train"]["input_ids"]], batch_size, timed, config["seed"])
     picked = [i for batch in batches[:warmup] + batches for i in batch]
     if padding == "dynamic":
         tokenized, collator = dynamic, exercise_2.make_collator(tokenizer, "cpu")
     else:  # the course: every text padded to 256 tokens up front
-        tokenized = data.map(lambda batch: tokenizer(batch["text"], padding="max_length", truncation=True,
+        tokenized = splits.map(lambda batch: tokenizer(batch["text"], padding="max_length", truncation=True,
                                                      max_length=256), batched=True, remove_columns=["text"])
         collator = DataCollatorWithPadding(tokenizer)
-    args = exercise_2.training_arguments(config, run_dir, [], "cpu")
+    args = training.training_arguments(config, run_dir, [], "cpu")
     args.train_sampling_strategy = "sequential"  # the picked batches are already in the exercise's order
     recorder = StepRecorder()
     token_counts = record_token_counts(model)
-    trainer = exercise_2.make_trainer(
-        exercise_2.NonFiniteLossGuard(), model=model, args=args, train_dataset=tokenized["train"].select(picked),
+    trainer = training.make_trainer(
+        training.NonFiniteLossGuard(), model=model, args=args, train_dataset=tokenized["train"].select(picked),
         eval_dataset=tokenized["validation"], processing_class=tokenizer, data_collator=collator,
         callbacks=[recorder])
     with contextlib.redirect_stdout(sys.stderr):  # the Trainer's log lines would mix with the JSON line
@@ -128,17 +130,17 @@ def main() -> None:
     matmul_size = 256 if args.smoke else 2048
     timed = args.steps - args.warmup
 
-    data = utils.load_text_dataset(args.dataset, seed=0, max_train_samples=args.max_train_samples, max_eval_samples=8)
+    splits = data.load_text_dataset(args.dataset, seed=0, max_train_samples=args.max_train_samples, max_eval_samples=8)
     rounds = []
     with tempfile.TemporaryDirectory() as scratch:
         for round_number in range(args.repeats):
             before = common.matmul_flops_per_s(matmul_size)  # the machine's speed drifts: measure around our run
-            run = train_steps(args.model, data, "dynamic", args.warmup, timed, args.batch_size,
+            run = train_steps(args.model, splits, "dynamic", args.warmup, timed, args.batch_size,
                               Path(scratch) / f"dynamic-{round_number}")
             peak = max(before, common.matmul_flops_per_s(matmul_size))
             ours = step_throughput(run, args.warmup, args.batch_size)
             rounds.append({**ours, "efficiency": ours["flops_per_s"] / peak, "matmul_flops_per_s": peak})
-        naive = step_throughput(train_steps(args.model, data, "max_length", args.warmup, timed, args.batch_size,
+        naive = step_throughput(train_steps(args.model, splits, "max_length", args.warmup, timed, args.batch_size,
                                             Path(scratch) / "max_length"), args.warmup, args.batch_size)
 
     samples_per_s = common.median(r["samples_per_s"] for r in rounds)

@@ -8,13 +8,13 @@ decoding in the loop (identical on both sides), is printed too.
 
 No cache can beat `ceiling_speedup` = 1 + (encoding all class prompts) / (one batch of images): how
 much caching buys depends on the text tower's cost next to the image tower's, so the bench runs either
-`clip.build_tiny_clip`'s defaults or ViT-B/16's architecture (exercise 3's default model, random
+`build_tiny_clip.build_tiny_clip`'s defaults or ViT-B/16's architecture (exercise 3's default model, random
 weights: the same cost per image and per prompt as the real one).
 
-    python bench/zeroshot.py                          # tiny CLIP, all 10,000 validation images, 200 classes
-    python bench/zeroshot.py --architecture vit-b-16 --images 128 --repeats 1   # ~3 minutes on 2 cores
-    python bench/zeroshot.py --prompts ensemble       # 8 templates per class
-    python bench/zeroshot.py --smoke                  # a few seconds
+    python -m bench.zeroshot                          # tiny CLIP, all 10,000 validation images, 200 classes
+    python -m bench.zeroshot --architecture vit-b-16 --images 128 --repeats 1   # ~3 minutes on 2 cores
+    python -m bench.zeroshot --prompts ensemble       # 8 templates per class
+    python -m bench.zeroshot --smoke                  # a few seconds
 """
 from __future__ import annotations
 
@@ -22,9 +22,12 @@ import tempfile
 
 import numpy as np
 
-import common
+from bench import common
 
 common.offline_env()
+from tools import build_tiny_clip  # noqa: E402
+import LoRA  # noqa: E402
+import data  # noqa: E402
 import clip  # noqa: E402
 import exercise_3  # noqa: E402
 import torch  # noqa: E402
@@ -55,15 +58,15 @@ def random_vit_b_16():
     CLIP tokenizer and 224 px preprocessing (CLIPImageProcessor's defaults)."""
     from transformers import CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
 
-    tokenizer = CLIPTokenizer.from_pretrained(str(utils.shared_dir() / clip.TOKENIZER_DIR), model_max_length=77)
+    tokenizer = CLIPTokenizer.from_pretrained(str(utils.shared_dir() / build_tiny_clip.TOKENIZER_DIR), model_max_length=77)
     torch.manual_seed(0)
-    return CLIPModel(clip.vit_b_16_config(len(tokenizer))), tokenizer, CLIPImageProcessorPil()
+    return CLIPModel(build_tiny_clip.vit_b_16_config(len(tokenizer))), tokenizer, CLIPImageProcessorPil()
 
 
 def main() -> None:
     parser = common.parser(__doc__, "tiny-imagenet-200", "CLIP folder (default: a fresh random one, see --architecture)")
     parser.add_argument("--architecture", default="tiny", choices=("tiny", "vit-b-16"),
-                        help="the random CLIP when no --model: clip.build_tiny_clip's defaults or ViT-B/16's shape")
+                        help="the random CLIP when no --model: build_tiny_clip.build_tiny_clip's defaults or ViT-B/16's shape")
     parser.add_argument("--images", type=int, default=10000, help="validation images (Tiny ImageNet has 10,000)")
     parser.add_argument("--batch-size", type=int, default=exercise_3.CONFIG["eval_batch_size"])
     parser.add_argument("--prompts", default=exercise_3.CONFIG["prompts"], choices=tuple(clip.TEMPLATES),
@@ -79,12 +82,12 @@ def main() -> None:
         model, tokenizer, image_processor = random_vit_b_16()
     else:
         with tempfile.TemporaryDirectory() as scratch:
-            model, tokenizer, image_processor = clip.load_clip(str(clip.build_tiny_clip(f"{scratch}/tiny-clip")))
+            model, tokenizer, image_processor = clip.load_clip(str(build_tiny_clip.build_tiny_clip(f"{scratch}/tiny-clip")))
     model.eval()
-    data = clip.load_image_dataset(args.dataset, seed=0, max_train_samples=1, max_eval_samples=n)["validation"]
-    class_names = data.features["label"].names
+    validation = data.load_image_dataset(args.dataset, seed=0, max_train_samples=1, max_eval_samples=n)["validation"]
+    class_names = validation.features["label"].names
     collator = clip.ImageTextCollator(tokenizer, class_names)
-    lazy = data.with_transform(clip.ImageTransform(image_processor))
+    lazy = validation.with_transform(clip.ImageTransform(image_processor))
     decoded = [lazy[i] for i in range(len(lazy))]  # every image opened and preprocessed once, kept in memory
 
     templates = clip.TEMPLATES[args.prompts]
@@ -102,9 +105,9 @@ def main() -> None:
     _, encode_s = common.timed(clip.ZeroShotClassifier(model, tokenizer, class_names, templates).class_features)
     common.emit({
         "bench": "zeroshot", "images": len(decoded),
-        "model": args.model or {"tiny": "clip.build_tiny_clip()", "vit-b-16": "ViT-B/16 shape, random"}[args.architecture],
+        "model": args.model or {"tiny": "build_tiny_clip.build_tiny_clip()", "vit-b-16": "ViT-B/16 shape, random"}[args.architecture],
         "classes": len(class_names), "prompts": args.prompts, "templates": len(templates), "batch_size": args.batch_size,
-        "rounds": len(rounds), "parameters": utils.count_parameters(model)[1],
+        "rounds": len(rounds), "parameters": LoRA.count_parameters(model)[1],
         "same_predictions": bool((ours == theirs).all()),
         "cached_images_per_s": round(len(decoded) / ours_s, 1),
         "reencode_images_per_s": round(common.median(len(decoded) / r["theirs_s"] for r in rounds), 1),

@@ -12,11 +12,11 @@ import pytest
 from transformers import TrainerCallback
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "offline")
 
+import data  # noqa: E402  (after the environment above)
 import utils  # noqa: E402
 
 
@@ -76,7 +76,7 @@ def build_tiny_distilbert(folder: Path, corpus: list[str], vocab_words: int = 20
 @pytest.fixture(scope="session")
 def tiny_distilbert(tmp_path_factory, rt_dir) -> str:
     """A tiny random DistilBERT whose vocab comes from Rotten Tomatoes training text."""
-    corpus = utils.load_rt_polarity(rt_dir)["splits"]["train"]["text"]
+    corpus = data.load_rt_polarity(rt_dir)["splits"]["train"]["text"]
     return str(build_tiny_distilbert(tmp_path_factory.mktemp("tiny-distilbert"), corpus))
 
 

@@ -9,14 +9,13 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
-
-import common  # noqa: E402
+import exercise_1
+from bench import common
+from conftest import ROOT
 
 
 def run_bench(script: str, *args: str) -> dict:
-    done = subprocess.run([sys.executable, f"bench/{script}", "--smoke", *args], cwd=ROOT, capture_output=True,
+    done = subprocess.run([sys.executable, "-m", f"bench.{script.removesuffix('.py')}", "--smoke", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -68,7 +67,7 @@ def test_finetune_batches_are_the_exercise_samplers_and_span_its_lengths():
     import torch
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
-    import finetune
+    from bench import finetune
 
     lengths = list(np.random.default_rng(0).integers(5, 80, size=1600))
     order = list(LengthGroupedSampler(16, lengths=lengths, generator=torch.Generator().manual_seed(42)))
@@ -97,7 +96,7 @@ def test_zeroshot_smoke(tiny_imagenet_dir, clip_tokenizer_dir):
 
 
 def test_parallel_extraction_restores_threads_and_raises(tiny_distilbert):
-    """utils.extract_features runs CPU batches on single-threaded workers (what bench/features.py
+    """exercise_1.extract_features runs CPU batches on single-threaded workers (what bench/features.py
     measures): torch's thread count comes back afterwards, also when a batch fails."""
     import torch
     from transformers import AutoModel, AutoTokenizer
@@ -110,10 +109,10 @@ def test_parallel_extraction_restores_threads_and_raises(tiny_distilbert):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        parallel = utils.extract_features(model, tokenizer, texts, "mean", batch_size=4)
+        parallel = exercise_1.extract_features(model, tokenizer, texts, "mean", batch_size=4)
         assert torch.get_num_threads() == 2
         torch.set_num_threads(1)
-        sequential = utils.extract_features(model, tokenizer, texts, "mean", batch_size=4)
+        sequential = exercise_1.extract_features(model, tokenizer, texts, "mean", batch_size=4)
         assert (parallel == sequential).all()  # each batch is computed single-threaded either way
 
         class FailingModel(torch.nn.Module):
@@ -122,7 +121,7 @@ def test_parallel_extraction_restores_threads_and_raises(tiny_distilbert):
 
         torch.set_num_threads(2)
         with pytest.raises(RuntimeError, match="out of memory"):
-            utils.extract_features(FailingModel(), tokenizer, texts, "cls", batch_size=4)
+            exercise_1.extract_features(FailingModel(), tokenizer, texts, "cls", batch_size=4)
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
@@ -132,9 +131,9 @@ def test_length_batches():
     import utils
 
     lengths = [5, 40, 12, 40, 3, 7, 100, 9]
-    batches = utils.length_batches(lengths, batch_size=3)
+    batches = exercise_1.length_batches(lengths, batch_size=3)
     assert [list(batch) for batch in batches] == [[6, 3, 1], [2, 7, 5], [0, 4]]  # longest first
-    capped = utils.length_batches(lengths, batch_size=3, max_tokens=80)
+    capped = exercise_1.length_batches(lengths, batch_size=3, max_tokens=80)
     assert [list(batch) for batch in capped] == [[6], [3, 1], [2, 7, 5], [0, 4]]
     for batch in capped[1:]:
         assert len(batch) * max(lengths[i] for i in batch) <= 80  # a lone 100-token text still gets a batch

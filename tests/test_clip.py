@@ -7,6 +7,7 @@ import copy
 import io
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -16,8 +17,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from tools import build_tiny_clip
+import data
 import LoRA
 import clip
+import training
 import utils
 from conftest import ROOT
 from utils import LabError
@@ -29,7 +33,7 @@ LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj
 
 @pytest.fixture(scope="module")
 def tiny_clip_dir(tmp_path_factory, clip_tokenizer_dir):
-    return clip.build_tiny_clip(tmp_path_factory.mktemp("tiny-clip"), tokenizer_dir=str(clip_tokenizer_dir))
+    return build_tiny_clip.build_tiny_clip(tmp_path_factory.mktemp("tiny-clip"), tokenizer_dir=str(clip_tokenizer_dir))
 
 
 @pytest.fixture(scope="module")
@@ -85,66 +89,66 @@ def batch_of(dataset, indices):
 # ---------------------------------------------------------------------------------------------
 
 def test_release_layout_labels_names_and_rgb(tiny_imagenet_dir, tiny_clip):
-    data = clip.load_image_dataset(str(tiny_imagenet_dir))
-    names = data["train"].features["label"].names
+    splits = data.load_image_dataset(str(tiny_imagenet_dir))
+    names = splits["train"].features["label"].names
     wnids = (tiny_imagenet_dir / "wnids.txt").read_text().split()
-    words = clip.read_wordnet_words(tiny_imagenet_dir / "words.txt")
-    assert len(names) == 200 and len(data["validation"]) == 10_000 and len(data["train"]) == 10_000
-    assert np.bincount(data["validation"]["label"]).tolist() == [50] * 200
+    words = data.read_wordnet_words(tiny_imagenet_dir / "words.txt")
+    assert len(names) == 200 and len(splits["validation"]) == 10_000 and len(splits["train"]) == 10_000
+    assert np.bincount(splits["validation"]["label"]).tolist() == [50] * 200
     # val labels come from val_annotations.txt, train labels from the folder, names from words.txt
-    first = data["validation"][0]
+    first = splits["validation"][0]
     assert first["image"].endswith("val/images/val_0.JPEG") and wnids[first["label"]] == "n03444034"
     assert names[first["label"]] == words["n03444034"].split(",")[0]
     assert names[wnids.index("n04099969")] == "rocking chair"
     for row in (0, 4321, 9999):
-        item = data["train"][row]
+        item = splits["train"][row]
         assert f"/train/{wnids[item['label']]}/images/" in item["image"]
     # some images are grayscale on disk; every one reaches the model as 3 channels
-    grayscale = next(path for path in data["validation"]["image"][:2000] if Image.open(path).mode == "L")
-    assert clip.open_rgb(grayscale).mode == "RGB"
-    row = data["validation"]["image"].index(grayscale)
-    lazy = data["validation"].with_transform(clip.ImageTransform(tiny_clip[2]))
+    grayscale = next(path for path in splits["validation"]["image"][:2000] if Image.open(path).mode == "L")
+    assert data.open_rgb(grayscale).mode == "RGB"
+    row = splits["validation"]["image"].index(grayscale)
+    lazy = splits["validation"].with_transform(clip.ImageTransform(tiny_clip[2]))
     assert lazy[row]["pixel_values"].shape == (3, 32, 32)
 
 
 def test_max_classes_subsampling_and_name_styles(tiny_imagenet_dir, tmp_path):
-    data = clip.load_image_dataset(str(tiny_imagenet_dir), seed=1, max_classes=10, max_train_samples=100,
+    splits = data.load_image_dataset(str(tiny_imagenet_dir), seed=1, max_classes=10, max_train_samples=100,
                                    max_eval_samples=40, class_names="all")
-    assert len(data["train"]) == 100 and len(data["validation"]) == 40
-    assert set(data["train"]["label"]) == set(range(10)) and max(data["validation"]["label"]) < 10
-    assert data["train"].features["label"].names[3] == "rocking chair, rocker"
+    assert len(splits["train"]) == 100 and len(splits["validation"]) == 40
+    assert set(splits["train"]["label"]) == set(range(10)) and max(splits["validation"]["label"]) < 10
+    assert splits["train"].features["label"].names[3] == "rocking chair, rocker"
     names_file = tmp_path / "names.json"
     names_file.write_text(json.dumps({"n02124075": "cat"}))
-    assert clip.readable_class_names(["n02124075", "n04067472"], str(names_file),
+    assert data.readable_class_names(["n02124075", "n04067472"], str(names_file),
                                      tiny_imagenet_dir / "words.txt") == ["cat", "reel"]
     # two ids with one readable name stay apart; folder names lose underscores
-    assert clip.readable_class_names(["a", "b_c", "d"], "first", None) == ["a", "b c", "d"]
+    assert data.readable_class_names(["a", "b_c", "d"], "first", None) == ["a", "b c", "d"]
     words = tmp_path / "words.txt"
     words.write_text("n00000001\tbass, fish\nn00000002\tbass, guitar")
-    assert clip.readable_class_names(["n00000001", "n00000002"], "first", words) == \
+    assert data.readable_class_names(["n00000001", "n00000002"], "first", words) == \
         ["bass (n00000001)", "bass (n00000002)"]
     with pytest.raises(LabError, match="class_names"):
-        clip.readable_class_names(["a"], "nonsense")
+        data.readable_class_names(["a"], "nonsense")
 
 
 def test_image_folder_with_and_without_validation(tmp_path):
-    data = clip.load_image_dataset(str(image_folder(tmp_path / "split")))
-    assert data["train"].features["label"].names == ["golden retriever", "tabby cat", "zebra"]
-    assert (len(data["train"]), len(data["validation"])) == (9, 6)
-    assert all("/val/" in path for path in data["validation"]["image"])
+    splits = data.load_image_dataset(str(image_folder(tmp_path / "split")))
+    assert splits["train"].features["label"].names == ["golden retriever", "tabby cat", "zebra"]
+    assert (len(splits["train"]), len(splits["validation"])) == (9, 6)
+    assert all("/val/" in path for path in splits["validation"]["image"])
     flat = tmp_path / "flat"
     for name in ("ant", "bee"):
         for i in range(10):
             save_image(flat / name / f"{i}.jpg")
-    data = clip.load_image_dataset(str(flat), seed=0)
-    assert (len(data["train"]), len(data["validation"])) == (18, 2)
-    assert sorted(data["validation"]["label"]) == [0, 1]              # carved stratified
-    assert not set(data["train"]["image"]) & set(data["validation"]["image"])
+    splits = data.load_image_dataset(str(flat), seed=0)
+    assert (len(splits["train"]), len(splits["validation"])) == (18, 2)
+    assert sorted(splits["validation"]["label"]) == [0, 1]              # carved stratified
+    assert not set(splits["train"]["image"]) & set(splits["validation"]["image"])
     with pytest.raises(LabError, match="does not exist"):
-        clip.load_image_dataset(str(tmp_path / "missing"))
+        data.load_image_dataset(str(tmp_path / "missing"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(LabError, match="no class sub-folders"):
-        clip.load_image_dataset(str(tmp_path / "empty"))
+        data.load_image_dataset(str(tmp_path / "empty"))
 
 
 def test_hub_format_keeps_images_undecoded_and_maps_wordnet_ids(tmp_path, tiny_clip):
@@ -162,10 +166,10 @@ def test_hub_format_keeps_images_undecoded_and_maps_wordnet_ids(tmp_path, tiny_c
                           "valid": Dataset.from_dict(table, features=features)})
     words = tmp_path / "words.txt"
     words.write_text("n00000001\tgoldfish, Carassius auratus\nn00000002\tsnail")
-    data = clip.hub_image_splits(loaded, max_eval_samples=4, words_file=words)
-    assert data["validation"].features["label"].names == ["goldfish", "snail"]
-    assert len(data["validation"]) == 4 and isinstance(data["train"][0]["image"], dict)
-    lazy = data["train"].with_transform(clip.ImageTransform(tiny_clip[2]))
+    splits = data.hub_image_splits(loaded, max_eval_samples=4, words_file=words)
+    assert splits["validation"].features["label"].names == ["goldfish", "snail"]
+    assert len(splits["validation"]) == 4 and isinstance(splits["train"][0]["image"], dict)
+    lazy = splits["train"].with_transform(clip.ImageTransform(tiny_clip[2]))
     assert lazy[0]["pixel_values"].shape == (3, 32, 32)
 
 
@@ -176,11 +180,11 @@ def test_transforms_are_lazy_and_write_nothing(tiny_imagenet_dir, tiny_clip):
         calls.append(len(images))
         return tiny_clip[2](images=images, return_tensors=return_tensors)
 
-    data = clip.load_image_dataset(str(tiny_imagenet_dir), max_classes=2)
-    lazy = data["validation"].with_transform(clip.ImageTransform(counting_processor))
+    splits = data.load_image_dataset(str(tiny_imagenet_dir), max_classes=2)
+    lazy = splits["validation"].with_transform(clip.ImageTransform(counting_processor))
     assert calls == []                                  # building the dataset preprocesses nothing
-    assert lazy.cache_files == [] and set(data["validation"].features) == {"image", "label"}
-    assert data["validation"].features["image"].dtype == "string"     # paths, not pixels
+    assert lazy.cache_files == [] and set(splits["validation"].features) == {"image", "label"}
+    assert splits["validation"].features["image"].dtype == "string"     # paths, not pixels
     lazy[3]
     assert calls == [1]
     batch_of(lazy, range(8))
@@ -188,23 +192,23 @@ def test_transforms_are_lazy_and_write_nothing(tiny_imagenet_dir, tiny_clip):
 
 
 def test_training_crops_depend_only_on_seed_epoch_and_image(tiny_imagenet_dir, tiny_clip):
-    data = clip.load_image_dataset(str(tiny_imagenet_dir), max_classes=2, max_train_samples=4)["train"]
+    splits = data.load_image_dataset(str(tiny_imagenet_dir), max_classes=2, max_train_samples=4)["train"]
     transform = clip.ImageTransform(tiny_clip[2], augment_seed=0)
-    lazy = data.with_transform(transform)
+    lazy = splits.with_transform(transform)
     first = torch.stack([row["pixel_values"] for row in batch_of(lazy, range(4))])
     batch_of(lazy, [3, 1])                              # other reads in between draw nothing from it
     assert torch.equal(torch.stack([lazy[i]["pixel_values"] for i in range(4)]), first)
     transform.epoch = 1
     assert not torch.equal(torch.stack([row["pixel_values"] for row in batch_of(lazy, range(4))]), first)
-    plain = data.with_transform(clip.ImageTransform(tiny_clip[2]))
+    plain = splits.with_transform(clip.ImageTransform(tiny_clip[2]))
     assert not torch.equal(torch.stack([row["pixel_values"] for row in batch_of(plain, range(4))]), first)
 
 
 def test_image_modes_converted_and_bad_files_skipped_or_fatal(tmp_path, tiny_clip):
     transparent = save_image(tmp_path / "rgba.png", "RGBA")
-    assert clip.open_rgb(str(transparent)).getpixel((0, 0)) == (255, 255, 255)   # laid over white
-    assert clip.open_rgb(str(save_image(tmp_path / "p.png", "P"))).mode == "RGB"
-    assert clip.open_rgb(str(save_image(tmp_path / "l.jpg", "L"))).mode == "RGB"
+    assert data.open_rgb(str(transparent)).getpixel((0, 0)) == (255, 255, 255)   # laid over white
+    assert data.open_rgb(str(save_image(tmp_path / "p.png", "P"))).mode == "RGB"
+    assert data.open_rgb(str(save_image(tmp_path / "l.jpg", "L"))).mode == "RGB"
     truncated = write_truncated_jpeg(tmp_path / "cut.jpg")
     not_an_image = tmp_path / "text.jpg"
     not_an_image.write_text("hello")
@@ -222,13 +226,13 @@ def test_image_modes_converted_and_bad_files_skipped_or_fatal(tmp_path, tiny_cli
 
 def test_collator_shapes_and_prompts(tiny_imagenet_dir, tiny_clip):
     model, tokenizer, image_processor = tiny_clip
-    data = clip.load_image_dataset(str(tiny_imagenet_dir), max_classes=4, max_eval_samples=8)
-    names = data["validation"].features["label"].names
-    lazy = data["validation"].with_transform(clip.ImageTransform(image_processor))
+    splits = data.load_image_dataset(str(tiny_imagenet_dir), max_classes=4, max_eval_samples=8)
+    names = splits["validation"].features["label"].names
+    lazy = splits["validation"].with_transform(clip.ImageTransform(image_processor))
     collator = clip.ImageTextCollator(tokenizer, names, "a photo of a {}.", clip.text_max_length(model))
     batch = collator(batch_of(lazy, range(6)))
     assert batch["pixel_values"].shape == (6, 3, 32, 32) and batch["pixel_values"].dtype == torch.float32
-    assert batch["labels"].tolist() == data["validation"]["label"][:6]
+    assert batch["labels"].tolist() == splits["validation"]["label"][:6]
     assert batch["input_ids"].shape == batch["attention_mask"].shape and batch["input_ids"].shape[0] == 6
     for row, label in enumerate(batch["labels"].tolist()):
         expected = tokenizer(f"a photo of a {names[label]}.")["input_ids"]
@@ -307,7 +311,7 @@ def test_non_finite_loss_stops_before_the_update(tiny_clip, tmp_path):
     trainer = make_trainer(model, collator, tmp_path, "clip")
     with torch.no_grad():
         model.logit_scale.fill_(float("nan"))
-    with pytest.raises(clip.NonFiniteLossError, match="nan"):
+    with pytest.raises(training.NonFiniteLossError, match="nan"):
         trainer.compute_loss(model, synthetic_batch(collator, [0, 1]))
 
 
@@ -328,9 +332,9 @@ def manual_logits(model, tokenizer, names, templates, pixel_values):
 
 def test_zero_shot_classifier_equals_manual_computation(tiny_imagenet_dir, tiny_clip):
     model, tokenizer, image_processor = tiny_clip
-    data = clip.load_image_dataset(str(tiny_imagenet_dir), max_classes=7, max_eval_samples=21)
-    names = data["validation"].features["label"].names
-    lazy = data["validation"].with_transform(clip.ImageTransform(image_processor))
+    splits = data.load_image_dataset(str(tiny_imagenet_dir), max_classes=7, max_eval_samples=21)
+    names = splits["validation"].features["label"].names
+    lazy = splits["validation"].with_transform(clip.ImageTransform(image_processor))
     templates = clip.TEMPLATES["ensemble"][:3]
     classifier = clip.ZeroShotClassifier(model, tokenizer, names, templates, batch_size=4)  # prompts in 6 batches
     collator = clip.ImageTextCollator(tokenizer, names)
@@ -338,7 +342,7 @@ def test_zero_shot_classifier_equals_manual_computation(tiny_imagenet_dir, tiny_
     expected = manual_logits(model, tokenizer, names, templates, pixels)
     assert torch.allclose(classifier.logits(pixels), expected, atol=1e-4)
     result = clip.evaluate_zero_shot(classifier, lazy, collator, batch_size=8)
-    labels = np.asarray(data["validation"]["label"])
+    labels = np.asarray(splits["validation"]["label"])
     predicted = expected.argmax(-1).numpy()
     assert (result.predictions == predicted).all() and (result.labels == labels).all()
     assert result.metrics["accuracy"] == pytest.approx((predicted == labels).mean())
@@ -399,10 +403,10 @@ def test_lora_counts_for_vit_b16_built_on_the_meta_device():
     from transformers import CLIPModel
 
     with torch.device("meta"):
-        model = CLIPModel(clip.vit_b_16_config())
-    assert utils.count_parameters(model)[1] == 149_620_737
+        model = CLIPModel(build_tiny_clip.vit_b_16_config())
+    assert LoRA.count_parameters(model)[1] == 149_620_737
     peft_model = LoRA.apply_lora(model, {**LORA, "r": 8, "alpha": 16, "dropout": 0.1}, task_type=None)
-    assert utils.count_parameters(peft_model) == (491_520, 150_112_257)
+    assert LoRA.count_parameters(peft_model) == (491_520, 150_112_257)
     assert not hasattr(peft_model, "classifier") and peft_model.peft_config["default"].task_type is None
 
 
@@ -410,7 +414,7 @@ def test_lora_counts_for_vit_b16_built_on_the_meta_device():
 def test_lora_towers_select_encoders(tiny_clip, towers, expected):
     model = LoRA.apply_lora(tiny_clip[0], {**LORA, "towers": towers}, task_type=None)
     adapted = {name.split(".")[2] for name, p in model.named_parameters() if "lora_" in name}
-    assert adapted == {f"{towers}_model"} and utils.count_parameters(model)[0] == expected
+    assert adapted == {f"{towers}_model"} and LoRA.count_parameters(model)[0] == expected
 
 
 def randomize_adapters(model, seed=0):
@@ -476,7 +480,7 @@ def test_adapter_load_and_merge_re_encode_class_features(tiny_clip_dir, tmp_path
 
 def test_build_tiny_cli_makes_a_loadable_clip(tmp_path, clip_tokenizer_dir, capsys):
     folder = tmp_path / "tiny"
-    clip.cli(["build-tiny", str(folder), "image_size=48", f"tokenizer_dir={clip_tokenizer_dir}"])  # `python clip.py ...`
+    build_tiny_clip.main([str(folder), "image_size=48", f"tokenizer_dir={clip_tokenizer_dir}"])  # `python -m tools.build_tiny_clip ...`
     assert f"model_name={folder}" in capsys.readouterr().out
     model, tokenizer, image_processor = clip.load_clip(str(folder))
     assert type(image_processor).__name__ == "CLIPImageProcessorPil"
@@ -485,15 +489,14 @@ def test_build_tiny_cli_makes_a_loadable_clip(tmp_path, clip_tokenizer_dir, caps
     pixels = image_processor(images=[Image.new("RGB", (64, 64))], return_tensors="pt")["pixel_values"]
     assert pixels.shape == (1, 3, 48, 48)
     with pytest.raises(LabError, match="usage"):
-        clip.cli(["build-tiny"])
+        build_tiny_clip.main([])
     with pytest.raises(LabError, match="image_size"):
-        clip.cli(["build-tiny", str(tmp_path / "bad"), "image_size=0"])
+        build_tiny_clip.main([str(tmp_path / "bad"), "image_size=0"])
 
 
 DDP_WORKER = r"""
 import os, sys
 import torch, torch.distributed as dist
-sys.path.insert(0, sys.argv[1])
 import clip
 rank = int(sys.argv[2])
 dist.init_process_group("gloo", init_method="file://" + sys.argv[3], rank=rank, world_size=2)
@@ -518,7 +521,8 @@ def test_clip_loss_gathers_features_across_processes(tmp_path):
     worker = tmp_path / "worker.py"
     worker.write_text(DDP_WORKER)
     processes = [subprocess.Popen([sys.executable, str(worker), str(ROOT), str(rank), str(tmp_path / "store"),
-                                   str(tmp_path / "full.pt"), str(tmp_path / "out")]) for rank in range(2)]
+                                   str(tmp_path / "full.pt"), str(tmp_path / "out")],
+                                  env={**os.environ, "PYTHONPATH": str(ROOT)}) for rank in range(2)]
     assert [p.wait(timeout=300) for p in processes] == [0, 0]
     outputs = [torch.load(tmp_path / f"out-{rank}.pt", weights_only=True) for rank in range(2)]
     # each process scores its own rows against all 8 pairs: the row-weighted mean is the full-batch loss

@@ -4,6 +4,8 @@ import sys
 
 import pytest
 
+import exercise_1
+import training
 import utils
 from conftest import ROOT
 
@@ -79,8 +81,8 @@ def test_mixed_precision_auto_follows_the_gpu_and_stays_off_the_cpu(monkeypatch,
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16_supported)
-    assert utils.trainer_precision("auto", "cuda") == expected  # GPUs without bf16 (T4, V100) get fp16
-    assert utils.trainer_precision("auto", "cpu") == utils.trainer_precision("no", "cpu") == "no"
+    assert training.trainer_precision("auto", "cuda") == expected  # GPUs without bf16 (T4, V100) get fp16
+    assert training.trainer_precision("auto", "cpu") == training.trainer_precision("no", "cpu") == "no"
     for setting in ("bf16", "fp16"):
         with pytest.raises(utils.LabError, match="needs a CUDA GPU"):
-            utils.trainer_precision(setting, "cpu")
+            training.trainer_precision(setting, "cpu")

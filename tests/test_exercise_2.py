@@ -11,8 +11,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer, EvalPrediction
 
+import data
 import evaluate
 import exercise_2
+import training
 import utils
 from conftest import PoisonAtStep, read_results, SignalAtStep, torchrun_two_processes, write_csv_dataset
 
@@ -39,12 +41,12 @@ def checkpoints(run_dir) -> list[str]:
 
 def test_tokenize_leaves_padding_to_the_collator(tiny_distilbert, rt_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_distilbert)
-    data = utils.load_text_dataset(str(rt_dir), seed=0, max_train_samples=40, max_eval_samples=20)
-    tokenized = exercise_2.tokenize(data, tokenizer, max_length=24)
+    splits = data.load_text_dataset(str(rt_dir), seed=0, max_train_samples=40, max_eval_samples=20)
+    tokenized = exercise_2.tokenize(splits, tokenizer, max_length=24)
     assert set(tokenized["train"].column_names) == {"input_ids", "attention_mask", "label"}
     lengths = [len(ids) for ids in tokenized["train"]["input_ids"]]
     assert len(set(lengths)) > 1 and max(lengths) <= 24  # truncated, not padded
-    assert list(tokenized["test"]["label"]) == list(data["test"]["label"])
+    assert list(tokenized["test"]["label"]) == list(splits["test"]["label"])
 
     features = [tokenized["train"][i] for i in range(8)]
     longest = max(len(feature["input_ids"]) for feature in features)
@@ -71,7 +73,7 @@ def test_trainer_metrics_on_hand_computed_example():
 
 
 def test_guard_flags_nan_and_inf_losses_only():
-    guard = exercise_2.NonFiniteLossGuard()
+    guard = training.NonFiniteLossGuard()
     guard.observe_loss(torch.tensor(0.7), 1)
     assert guard.bad_loss is None
     guard.observe_loss(torch.tensor(float("inf")), 2)
@@ -194,7 +196,7 @@ def test_torchrun_two_cpu_processes_write_one_result(tiny_distilbert, tmp_path):
     # number of processes for models that take loss kwargs)
     utils.set_seed(0)
     model, tokenizer = exercise_2.load_classifier(tiny_distilbert, results["label_names"])
-    test = utils.load_text_dataset(str(dataset), "sentence", "topic", seed=0, max_train_samples=96)["test"]
+    test = data.load_text_dataset(str(dataset), "sentence", "topic", seed=0, max_train_samples=96)["test"]
     batch = tokenizer(list(test["text"]), truncation=True, max_length=128, padding=True, return_tensors="pt")
     with torch.no_grad():
         loss = model.eval()(**batch, labels=torch.tensor(list(test["label"]))).loss.item()

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tools import build_tiny_clip
 import clip
 import exercise_3
 import utils
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def tiny_clip_dir(tmp_path_factory, clip_tokenizer_dir):
-    return clip.build_tiny_clip(tmp_path_factory.mktemp("tiny-clip"), tokenizer_dir=str(clip_tokenizer_dir))
+    return build_tiny_clip.build_tiny_clip(tmp_path_factory.mktemp("tiny-clip"), tokenizer_dir=str(clip_tokenizer_dir))
 
 
 def tiny_args(model, dataset, output_dir, **overrides) -> list[str]:
@@ -82,10 +83,10 @@ def test_text_only_model_offline_hub_ids_and_bad_config_are_refused(tmp_path, ti
 
 
 def test_unreadable_images_are_skipped_and_counted_or_fatal(tmp_path, tiny_clip_dir, capsys):
-    data = image_folder(tmp_path / "images", per_class=4)
-    bad_train = write_truncated_jpeg(data / "train" / "zebra" / "cut.jpg")
-    bad_val = write_truncated_jpeg(data / "val" / "tabby_cat" / "cut.jpg")
-    args = tiny_args(tiny_clip_dir, data, tmp_path / "runs", max_train_samples=None, max_eval_samples=None,
+    splits = image_folder(tmp_path / "images", per_class=4)
+    bad_train = write_truncated_jpeg(splits / "train" / "zebra" / "cut.jpg")
+    bad_val = write_truncated_jpeg(splits / "val" / "tabby_cat" / "cut.jpg")
+    args = tiny_args(tiny_clip_dir, splits, tmp_path / "runs", max_train_samples=None, max_eval_samples=None,
                      batch_size=13, max_steps=2)                       # 13 training images: each step sees all
     results = read_results(exercise_3.main(args))
     assert results["skipped_images"] == {"count": 2, "files": sorted([str(bad_train), str(bad_val)]), "policy": "skip"}
@@ -150,7 +151,7 @@ def test_torchrun_two_cpu_processes_gather_features_and_write_one_result(tiny_cl
 def test_learning_check_lifts_accuracy_to_three_times_chance(tmp_path, clip_tokenizer_dir, tiny_imagenet_dir):
     """The small random-weight CLIP, LoRA (r=16 on q_proj and v_proj of both towers) plus both
     projection layers, the in-batch CLIP loss, 600 steps of 32 on 10 classes x 50 real images."""
-    model = clip.build_tiny_clip(tmp_path / "tiny-clip-p4", tokenizer_dir=str(clip_tokenizer_dir), patch_size=4)
+    model = build_tiny_clip.build_tiny_clip(tmp_path / "tiny-clip-p4", tokenizer_dir=str(clip_tokenizer_dir), patch_size=4)
     run_dir = exercise_3.main(tiny_args(
         model, tiny_imagenet_dir, tmp_path, run_name="learn", max_classes=10, max_train_samples=None,
         max_eval_samples=None, batch_size=32, eval_batch_size=100, max_steps=600, learning_rate=3e-3, warmup=20,

@@ -3,24 +3,26 @@ import numpy as np
 import pytest
 import torch
 
+import exercise_1
+import data
 import utils
 
 
 def test_pool_shapes_and_mask_aware_mean():
     hidden = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4)
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
-    assert utils.pool(hidden, mask, "cls").shape == (2, 4)
-    assert torch.equal(utils.pool(hidden, mask, "cls"), hidden[:, 0])
-    mean = utils.pool(hidden, mask, "mean")
+    assert exercise_1.pool(hidden, mask, "cls").shape == (2, 4)
+    assert torch.equal(exercise_1.pool(hidden, mask, "cls"), hidden[:, 0])
+    mean = exercise_1.pool(hidden, mask, "mean")
     assert mean.shape == (2, 4)
     assert torch.allclose(mean[0], hidden[0, :2].mean(0)), "padding must not enter the mean"
     assert torch.allclose(mean[1], hidden[1].mean(0))
     with pytest.raises(ValueError):
-        utils.pool(hidden, mask, "max")
+        exercise_1.pool(hidden, mask, "max")
 
 
 def test_pad_batch():
-    input_ids, mask = utils.pad_batch([[5, 6, 7], [8]], pad_id=0)
+    input_ids, mask = exercise_1.pad_batch([[5, 6, 7], [8]], pad_id=0)
     assert input_ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
 
 
@@ -42,10 +44,10 @@ def test_batched_extraction_equals_naive_reference(tiny_distilbert, rt_dir, pool
     model = AutoModel.from_pretrained(tiny_distilbert).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_distilbert)
     assert "[UNK]" not in tokenizer.tokenize("the film is a great zzzz"), "fixture vocab must be real"
-    texts = utils.load_rt_polarity(rt_dir)["splits"]["test"]["text"][:37]
+    texts = data.load_rt_polarity(rt_dir)["splits"]["test"]["text"][:37]
     texts[3] = "short"
     texts[5] = " ".join(["long"] * 300)  # truncated at max_length
-    batched = utils.extract_features(model, tokenizer, texts, pooling, max_length=64, batch_size=8)
+    batched = exercise_1.extract_features(model, tokenizer, texts, pooling, max_length=64, batch_size=8)
     reference = naive_features(model, tokenizer, texts, pooling, max_length=64)
     assert batched.shape == (37, 32) and batched.dtype == np.float32
     np.testing.assert_allclose(batched, reference, atol=1e-5, rtol=1e-5)

@@ -10,6 +10,7 @@ import torch
 from transformers import (AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification,
                           DistilBertConfig, DistilBertForSequenceClassification)
 
+import data
 import LoRA
 import exercise_2
 import utils
@@ -95,7 +96,7 @@ def test_exercise_2_with_lora_saves_an_adapter_that_reproduces_the_run(tiny_dist
     lora = layers * 2 * 4 * (hidden + hidden)  # query and value
     head = hidden * hidden + hidden + hidden * 2 + 2
     assert results["model"]["trainable_parameters"] == lora + head
-    assert results["model"]["parameters"] == utils.count_parameters(base)[1] + lora + head
+    assert results["model"]["parameters"] == LoRA.count_parameters(base)[1] + lora + head
     assert results["model"]["lora"]["target_modules"] == ["query", "value"]
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (run_dir / "adapter").iterdir()}
 
@@ -104,7 +105,7 @@ def test_exercise_2_with_lora_saves_an_adapter_that_reproduces_the_run(tiny_dist
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_distilbert)
-    test = utils.load_text_dataset(str(rt_dir), seed=0, max_train_samples=64, max_eval_samples=32)["test"]
+    test = data.load_text_dataset(str(rt_dir), seed=0, max_train_samples=64, max_eval_samples=32)["test"]
     batch = tokenizer(list(test["text"]), truncation=True, max_length=128, padding=True, return_tensors="pt")
     with torch.no_grad():
         loss = model(**batch, labels=torch.tensor(list(test["label"]))).loss.item()

@@ -5,6 +5,7 @@ import stat
 
 import pytest
 
+import hub
 import exercise_1
 import utils
 from conftest import ROOT
@@ -22,7 +23,7 @@ def test_model_folder_without_tokenizer(tmp_path, tiny_distilbert, rt_dir):
 
 def test_missing_model_path_is_named(tmp_path):
     with pytest.raises(utils.LabError, match="does not exist"):
-        utils.resolve_pretrained(str(tmp_path / "no-such-model"))
+        hub.resolve_pretrained(str(tmp_path / "no-such-model"))
 
 
 def test_wandb_online_without_a_key_stops_before_anything_runs(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""The results report (report.py, `python evaluate.py report <folder>`) from hand-made results files."""
+"""The results report (`python report.py <folder>`) from hand-made results files."""
 from __future__ import annotations
 
 import json
@@ -141,11 +141,11 @@ def test_tensorboard_text_and_rerun(runs):
 
 
 def test_evaluate_report_command(runs, tmp_path):
-    done = subprocess.run([sys.executable, "evaluate.py", "report", str(runs), "--no-tensorboard"], cwd=ROOT,
+    done = subprocess.run([sys.executable, "report.py", str(runs), "--no-tensorboard"], cwd=ROOT,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert (runs / "REPORT.md").exists() and not (runs / "tensorboard").exists()
-    done = subprocess.run([sys.executable, "evaluate.py", "report", str(tmp_path / "missing")], cwd=ROOT,
+    done = subprocess.run([sys.executable, "report.py", str(tmp_path / "missing")], cwd=ROOT,
                           capture_output=True, text=True)
     assert done.returncode == 2 and "does not exist" in done.stderr
 
