@@ -1,8 +1,10 @@
-"""LoRA for the exercises: PEFT configs for text classifiers and CLIP, parameter accounting,
+"""LoRA for exercises 2 and 3: PEFT configs for text classifiers and CLIP, parameter accounting,
 adapter save/load and merging into a standalone model.
 
-Target modules may be given generically (`query`, `key`, `value`, `output`) and are mapped to each
-architecture's own names, so one config works for DistilBERT, BERT/MiniLM, RoBERTa and CLIP.
+Both exercises configure LoRA with the same `lora` block (enabled, r, alpha, dropout, target_modules,
+use_rslora, modules_to_save, learning_rate). Target modules may be given as roles (`query`, `key`,
+`value`, `output`), mapped to each architecture's own names, so one config works for DistilBERT,
+BERT/MiniLM, RoBERTa and CLIP; on CLIP a `text_model.` or `vision_model.` prefix adapts one tower only.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ ATTENTION_NAMES = {
     "roberta": {"query": "query", "key": "key", "value": "value", "output": "attention.output.dense"},
     "clip": {"query": "q_proj", "key": "k_proj", "value": "v_proj", "output": "out_proj"},
 }
-CLIP_TOWERS = {"vision": ("vision_model",), "text": ("text_model",), "both": ("vision_model", "text_model")}
+CLIP_TOWERS = ("vision_model", "text_model")
 
 __all__ = ["apply_lora", "count_parameters", "lora_config", "save_adapter", "load_adapter", "merge"]
 
@@ -31,22 +33,23 @@ def resolve_target_modules(model_type: str, target_modules: list[str]) -> list[s
 def lora_config(lora_cfg: dict, model_type: str, task_type: str | None = "SEQ_CLS"):
     """A peft.LoraConfig from the config's `lora` section.
 
-    For CLIP (`model_type` "clip") there is no task type, and `towers` ("vision", "text",
-    "both") restricts the adapters to those encoders through a regex over module names.
+    For CLIP (`model_type` "clip") there is no task type, and the targets become a regex over module
+    names inside the encoders: `q_proj` in both towers, `text_model.q_proj` in the text tower only.
     """
     from peft import LoraConfig
 
-    targets = resolve_target_modules(model_type, list(lora_cfg["target_modules"]))
-    if not targets:
+    if not lora_cfg["target_modules"]:
         raise LabError("lora.target_modules is empty")
     if model_type == "clip":
-        towers = CLIP_TOWERS.get(lora_cfg.get("towers", "both"))
-        if towers is None:
-            raise LabError(f"lora.towers must be one of {list(CLIP_TOWERS)}, got {lora_cfg.get('towers')!r}")
-        target_modules = rf".*({'|'.join(towers)})\..*\.({'|'.join(targets)})$"
+        patterns = []
+        for target in lora_cfg["target_modules"]:
+            tower, _, name = target.rpartition(".") if target.startswith(CLIP_TOWERS) else ("", "", target)
+            name = resolve_target_modules(model_type, [name])[0]
+            patterns.append(rf".*({tower or '|'.join(CLIP_TOWERS)})\..*\.{name}")
+        target_modules = rf"^({'|'.join(patterns)})$"
         task_type = None
     else:
-        target_modules = targets
+        target_modules = resolve_target_modules(model_type, list(lora_cfg["target_modules"]))
     return LoraConfig(task_type=task_type, r=lora_cfg["r"], lora_alpha=lora_cfg["alpha"],
                       lora_dropout=lora_cfg["dropout"], target_modules=target_modules,
                       use_rslora=lora_cfg.get("use_rslora", False), bias="none",

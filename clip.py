@@ -7,7 +7,6 @@ so nothing image-sized is written to disk.
 """
 from __future__ import annotations
 
-import hashlib
 import random
 import sys
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import Trainer, TrainerCallback
+from transformers import TrainerCallback
 
 import data
 import evaluate
@@ -154,91 +153,36 @@ def clip_core(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def text_tower_fingerprint(model) -> str:
-    """A digest of everything the class text features depend on: the text encoder's and text
-    projection's parameters (names, storage, in-place version counters, float64 sums) and the
-    state of any adapters in them (active, disabled, merged).
+def build_zero_shot_classifier(model, tokenizer, class_names: list[str], templates=TEMPLATES["single"],
+                               batch_size: int = 256) -> torch.Tensor:
+    """The zero-shot head: (num_classes, dim) unit text features, one per class. Every (template, class)
+    prompt is encoded in batches, each feature normalised, averaged over templates and renormalised.
 
-    An optimizer step bumps the version counters; loading, merging or swapping adapters changes
-    names or storage; the sums catch edits through `.data`, which bypass the counters.
-    """
+    Stateless, as open_clip's `build_zero_shot_classifier`: it is built anew for every evaluation, from
+    the text tower as it is then (trained, adapters loaded or merged), so no feature is ever stale. Its
+    cost, one text-tower pass over the prompts, is paid once per evaluation, not once per batch."""
     core = clip_core(model)
-    digest = hashlib.sha256()
-    sums = []
-    for prefix in ("text_model", "text_projection"):
-        module = getattr(core, prefix)
-        for name, parameter in module.named_parameters():
-            digest.update(f"{prefix}.{name}:{tuple(parameter.shape)}:{parameter.dtype}:{parameter.device}:"
-                          f"{parameter.data_ptr()}:{parameter._version}|".encode())
-            sums.append(parameter.detach().sum(dtype=torch.float64))
-        for name, submodule in module.named_modules():
-            if hasattr(submodule, "active_adapters"):
-                digest.update(f"{name}:{submodule.active_adapters}:{submodule.disable_adapters}:"
-                              f"{getattr(submodule, 'merged', None)}|".encode())
-    if sums:
-        digest.update(torch.stack(sums).cpu().numpy().tobytes())
-    return digest.hexdigest()
+    device = next(core.parameters()).device
+    prompts = [template.format(name) for template in templates for name in class_names]
+    was_training = core.training
+    core.eval()
+    features = []
+    with torch.inference_mode():
+        for start in range(0, len(prompts), batch_size):
+            tokens = tokenizer(prompts[start:start + batch_size], padding=True, truncation=True,
+                               max_length=text_max_length(core), return_tensors="pt").to(device)
+            text = core.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+            features.append(F.normalize(text.pooler_output.float(), dim=-1))
+    core.train(was_training)
+    per_template = torch.cat(features).view(len(templates), len(class_names), -1)
+    return F.normalize(per_template.mean(0), dim=-1)
 
 
-class ZeroShotClassifier:
-    """Scores images against one text feature per class.
-
-    Class features are encoded once - every (template, class) prompt in batches, each normalised,
-    averaged over templates, renormalised - and reused for every image. Before each use the text
-    tower's fingerprint is compared with the one they were encoded under; on any difference
-    (training, adapter load / merge / switch) they are encoded again, so stale features are never used.
-    """
-
-    def __init__(self, model, tokenizer, class_names: list[str], templates=TEMPLATES["single"],
-                 batch_size: int = 256):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.class_names = list(class_names)
-        self.templates = tuple(templates)
-        self.batch_size = batch_size
-        self.encodings = 0          # how often the class features were (re-)encoded
-        self._features = None
-        self._fingerprint = None
-
-    @property
-    def device(self):
-        return next(clip_core(self.model).parameters()).device
-
-    def class_features(self) -> torch.Tensor:
-        """(num_classes, dim) unit vectors, encoded again whenever the text tower changed."""
-        fingerprint = text_tower_fingerprint(self.model)
-        if fingerprint != self._fingerprint:
-            self._features = self._encode()
-            self._fingerprint = fingerprint
-            self.encodings += 1
-        return self._features
-
-    def _encode(self) -> torch.Tensor:
-        core = clip_core(self.model)
-        prompts = [template.format(name) for template in self.templates for name in self.class_names]
-        was_training = core.training
-        core.eval()
-        features = []
-        with torch.inference_mode():
-            for start in range(0, len(prompts), self.batch_size):
-                tokens = self.tokenizer(prompts[start:start + self.batch_size], padding=True, truncation=True,
-                                        max_length=text_max_length(core), return_tensors="pt").to(self.device)
-                text = core.get_text_features(input_ids=tokens["input_ids"],
-                                              attention_mask=tokens["attention_mask"]).pooler_output
-                features.append(F.normalize(text.float(), dim=-1))
-        core.train(was_training)
-        per_template = torch.cat(features).view(len(self.templates), len(self.class_names), -1)
-        return F.normalize(per_template.mean(0), dim=-1)
-
-    def image_logits(self, pixel_values: torch.Tensor, class_features: torch.Tensor) -> torch.Tensor:
-        """(batch, num_classes) scaled cosine similarities against given class features."""
-        core = clip_core(self.model)
-        image = core.get_image_features(pixel_values=pixel_values.to(self.device)).pooler_output
-        return core.logit_scale.exp().float() * F.normalize(image.float(), dim=-1) @ class_features.T
-
-    def logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return self.image_logits(pixel_values, self.class_features())
+def zero_shot_logits(model, pixel_values: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
+    """(batch, num_classes) scaled cosine similarities of images against the zero-shot head."""
+    core = clip_core(model)
+    image = core.get_image_features(pixel_values=pixel_values.to(classifier.device)).pooler_output
+    return core.logit_scale.exp().float() * F.normalize(image.float(), dim=-1) @ classifier.T
 
 
 @dataclass
@@ -276,22 +220,21 @@ def zero_shot_metrics(labels, top_k, label_names: list[str]) -> tuple[dict, np.n
     return metrics, matrix, recall, evaluate.most_confused_pairs(matrix, label_names, top=10)
 
 
-def evaluate_zero_shot(classifier: ZeroShotClassifier, dataset, collator, batch_size: int = 64,
+def evaluate_zero_shot(model, classifier: torch.Tensor, class_names: list[str], dataset, collator, batch_size: int = 64,
                        num_workers: int = 0, desc: str = "zero-shot", top_k: int = 5) -> ZeroShotResult:
-    """Classify every image of a transformed dataset. Memory is bounded by one batch: per image
-    only its label and top-k class ids are kept."""
+    """Classify every image of a transformed dataset against a zero-shot head (one row per class name).
+    Memory is bounded by one batch: per image only its label and top-k class ids are kept."""
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator, num_workers=num_workers)
-    k = min(top_k, len(classifier.class_names))
+    k = min(top_k, len(classifier))
     labels, best, rows, skipped = [], [], [], []
     start = time.perf_counter()
-    class_features = classifier.class_features()
     offset = 0
     with torch.inference_mode():
         for batch in tqdm(loader, desc=desc, unit="batch"):
-            logits = classifier.image_logits(batch["pixel_values"], class_features)
+            logits = zero_shot_logits(model, batch["pixel_values"], classifier)
             best.append(logits.topk(k, dim=-1).indices.cpu().numpy())
             labels.append(batch["labels"].numpy())
             rows.append(offset + np.flatnonzero(batch["kept"].numpy()))
@@ -299,7 +242,7 @@ def evaluate_zero_shot(classifier: ZeroShotClassifier, dataset, collator, batch_
             skipped += batch.get("skipped_images", [])
     seconds = time.perf_counter() - start
     labels, best = np.concatenate(labels), np.concatenate(best)
-    metrics, matrix, recall, pairs = zero_shot_metrics(labels, best, classifier.class_names)
+    metrics, matrix, recall, pairs = zero_shot_metrics(labels, best, class_names)
     return ZeroShotResult(metrics, labels, best, np.concatenate(rows), matrix, recall, pairs, skipped, seconds)
 
 
@@ -351,23 +294,22 @@ def class_loss(image_embeds: torch.Tensor, class_embeds: torch.Tensor, labels: t
     return F.cross_entropy(scale * image_embeds @ class_embeds.T, labels)
 
 
-class CLIPTrainer(Trainer):
-    """Trainer for a CLIPModel (plain or with PEFT adapters).
+class CLIPTrainer(training.LabTrainer):
+    """Trainer for a CLIPModel (plain or with PEFT adapters); `processing_class` is its tokenizer.
 
     loss="clip": the symmetric in-batch contrastive loss (each image's own class prompt as its text).
     loss="class": each image against all class prompts (tokens from the collator), so same-class
-    images are not false negatives. Evaluation is zero-shot classification through `zero_shot`,
-    whose class features are re-encoded after every change to the text tower.
+    images are not false negatives. Evaluation is zero-shot classification of `class_names` with
+    `templates`, its head built anew from the text tower as training has left it.
     """
 
     loss_is_scaled_for_ga = False     # compute_loss returns a per-batch mean
 
-    def __init__(self, *args, loss: str = "clip", zero_shot: ZeroShotClassifier | None = None, **kwargs):
+    def __init__(self, *args, class_names: list[str], templates=TEMPLATES["single"], loss: str = "clip", **kwargs):
         super().__init__(*args, **kwargs)
         if loss not in ("clip", "class"):
             raise LabError(f"loss must be 'clip' or 'class', got {loss!r}")
-        self.loss = loss
-        self.zero_shot = zero_shot
+        self.loss, self.class_names, self.templates = loss, list(class_names), tuple(templates)
         self.skipped_images = set()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -385,16 +327,14 @@ class CLIPTrainer(Trainer):
             loss = class_loss(outputs.image_embeds, outputs.text_embeds, inputs["labels"], logit_scale)
         else:
             loss = clip_loss(outputs.image_embeds, outputs.text_embeds, logit_scale)
-        if not training._finite_everywhere(loss):
-            raise training.NonFiniteLossError(f"the {self.loss} loss is {loss.item()} at step {self.state.global_step + 1}")
+        training.check_loss(loss, self.state.global_step + 1)     # before backward: a bad step changes nothing
         return (loss, outputs) if return_outputs else loss
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
-        """Zero-shot classification of the eval set with freshly encoded class features."""
-        if self.zero_shot is None:
-            raise LabError("CLIPTrainer evaluates through zero-shot classification: pass zero_shot=ZeroShotClassifier(...)")
+        """Zero-shot classification of the eval set with a head built from the text tower as it is now."""
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        result = evaluate_zero_shot(self.zero_shot, dataset, self.data_collator, self.args.per_device_eval_batch_size,
+        classifier = build_zero_shot_classifier(self.model, self.processing_class, self.class_names, self.templates)
+        result = evaluate_zero_shot(self.model, classifier, self.class_names, dataset, self.data_collator, self.args.per_device_eval_batch_size,
                                     self.args.dataloader_num_workers, desc=f"zero-shot eval (step {self.state.global_step})")
         metrics = {f"{metric_key_prefix}_{name}": value for name, value in result.metrics.items()}
         metrics[f"{metric_key_prefix}_images_per_second"] = result.images_per_second

@@ -117,14 +117,24 @@ def stratified_indices(labels: list[int], size: int | float, seed: int) -> tuple
     return sorted(rest.tolist()), sorted(picked.tolist())
 
 
-def _subsample(split: dict, n: int | None, seed: int, name: str) -> dict:
-    total = len(split["label"])
-    if n is None or n >= total:
-        if n is not None and n > total:
-            print(f"max samples {n} > {total} examples in {name}: using all {total}")
-        return split
-    _, picked = stratified_indices(split["label"], n, seed)
-    return {key: [values[i] for i in picked] for key, values in split.items()}
+def carve_split(labels, fraction: float, seed: int, dataset: str, split: str) -> tuple[list, list]:
+    """(rest, carved) rows of train when the data has no `split`: the one carving policy of every loader."""
+    rest, carved = stratified_indices(list(labels), fraction, seed)
+    print(f"{dataset} has no {split} split: carving {len(carved)} examples from train (stratified, seed {seed})")
+    return rest, carved
+
+
+def subsample_rows(labels, n: int | None, seed: int, split: str) -> list[int]:
+    """Rows of a stratified, seeded subsample of `n` (every row when `n` is None or not smaller)."""
+    if n is None or n >= len(labels):
+        if n is not None and n > len(labels):
+            print(f"max samples {n} > {len(labels)} examples in {split}: using all {len(labels)}")
+        return list(range(len(labels)))
+    return stratified_indices(list(labels), n, seed)[1]
+
+
+def _select(columns: dict, rows: list[int]) -> dict:
+    return {key: [values[i] for i in rows] for key, values in columns.items()}
 
 
 def load_text_dataset(dataset: str, text_column: str = "text", label_column: str = "label",
@@ -167,14 +177,11 @@ def load_text_dataset(dataset: str, text_column: str = "text", label_column: str
     splits = {split: {"text": raw[split]["text"], "label": ids[split]} for split in raw}
     for split in ("test", "validation"):
         if split not in splits:
-            rest, carved = stratified_indices(splits["train"]["label"], validation_fraction, seed)
-            print(f"{dataset} has no {split} split: carving {len(carved)} examples from train (stratified, seed {seed})")
-            train = splits["train"]
-            splits[split] = {key: [values[i] for i in carved] for key, values in train.items()}
-            splits["train"] = {key: [values[i] for i in rest] for key, values in train.items()}
-    splits["train"] = _subsample(splits["train"], max_train_samples, seed, "train")
-    for split in ("validation", "test"):
-        splits[split] = _subsample(splits[split], max_eval_samples, seed, split)
+            rest, carved = carve_split(splits["train"]["label"], validation_fraction, seed, dataset, split)
+            splits[split], splits["train"] = _select(splits["train"], carved), _select(splits["train"], rest)
+    for split in SPLITS:
+        limit = max_train_samples if split == "train" else max_eval_samples
+        splits[split] = _select(splits[split], subsample_rows(splits[split]["label"], limit, seed, split))
     features = Features({"text": Value("string"), "label": ClassLabel(names=names)})
     return DatasetDict({split: Dataset.from_dict(splits[split], features=features) for split in SPLITS})
 
@@ -309,12 +316,7 @@ def _select_rows(labels, max_classes: int | None, max_samples: int | None, seed:
     """Rows of the first `max_classes` classes, then a stratified, seeded subsample of them."""
     labels = np.asarray(labels)
     rows = np.arange(len(labels)) if max_classes is None else np.flatnonzero(labels < max_classes)
-    if max_samples is not None and max_samples < len(rows):
-        _, picked = stratified_indices(labels[rows].tolist(), max_samples, seed)
-        rows = rows[picked]
-    elif max_samples is not None and max_samples > len(rows):
-        print(f"max samples {max_samples} > {len(rows)} images in {split}: using all {len(rows)}")
-    return rows
+    return rows[subsample_rows(labels[rows].tolist(), max_samples, seed, split)]
 
 
 def load_image_dataset(dataset: str, seed: int = 0, max_train_samples: int | None = None,
@@ -345,8 +347,7 @@ def load_image_dataset(dataset: str, seed: int = 0, max_train_samples: int | Non
     words_file = path / "words.txt" if (path / "words.txt").exists() else utils.shared_dir() / WORDS_FILE
     if "validation" not in splits:
         paths, labels = splits["train"]
-        rest, carved = stratified_indices(labels, validation_fraction, seed)
-        print(f"{dataset} has no validation split: carving {len(carved)} images from train (stratified, seed {seed})")
+        rest, carved = carve_split(labels, validation_fraction, seed, dataset, "validation")
         splits = {"train": ([paths[i] for i in rest], [labels[i] for i in rest]),
                   "validation": ([paths[i] for i in carved], [labels[i] for i in carved])}
     if max_classes is not None:
@@ -386,7 +387,7 @@ def hub_image_splits(loaded, seed: int = 0, max_train_samples: int | None = None
     raw_names = train.features[label_column].names
     data = {split: loaded[name] for split, name in split_names.items()}
     if "validation" not in data:
-        rest, carved = stratified_indices(list(train[label_column]), validation_fraction, seed)
+        rest, carved = carve_split(train[label_column], validation_fraction, seed, "the Hub dataset", "validation")
         data = {"train": train.select(rest), "validation": train.select(carved)}
     if max_classes is not None:
         raw_names = raw_names[:max_classes]

@@ -1,4 +1,4 @@
-"""Metrics, reports, confusion matrices and the results file shared by all three exercises.
+"""Scores of every exercise: metrics, confusion matrices, classification reports, the results file.
 
 Pure functions over label arrays, so each can be checked against hand-computed values.
 """
@@ -94,34 +94,6 @@ def classification_report_text(labels, predictions, label_names: list[str]) -> s
                                  target_names=[str(name) for name in label_names], digits=4, zero_division=0)
 
 
-def plot_confusion_matrix(matrix: np.ndarray, label_names: list[str], path: Path | None = None, title: str = ""):
-    """A confusion-matrix figure (counts annotated for up to 20 classes); saved to `path` if given."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(label_names)
-    size = min(4 + 0.4 * n, 16)
-    figure, axis = plt.subplots(figsize=(size, size * 0.85))
-    image = axis.imshow(matrix, cmap="Blues")
-    figure.colorbar(image, ax=axis, fraction=0.046)
-    if n <= 20:
-        axis.set_xticks(range(n), [str(name) for name in label_names], rotation=45, ha="right")
-        axis.set_yticks(range(n), [str(name) for name in label_names])
-        threshold = matrix.max() / 2 if matrix.size else 0
-        for (row, column), value in np.ndenumerate(matrix):
-            axis.text(column, row, str(value), ha="center", va="center",
-                      color="white" if value > threshold else "black", fontsize=9)
-    axis.set_xlabel("predicted")
-    axis.set_ylabel("true")
-    axis.set_title(title or "confusion matrix")
-    figure.tight_layout()
-    if path is not None:
-        figure.savefig(path, dpi=110)
-    return figure
-
-
 def write_results(run_dir: Path, exercise: str, config: dict, metrics: dict, timing: dict,
                   model: dict, **extra) -> Path:
     """Write `<run_dir>/results.json`: exercise, config, metrics (stage -> split -> metric),
@@ -159,37 +131,4 @@ def results_table(metrics: dict, columns=("accuracy", "precision_macro", "recall
 def _format(value) -> str:
     return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
 
-
-def plot_training_curves(log_history: list[dict], path: Path | None = None,
-                         metrics=("accuracy", "f1_macro", "top5_accuracy")):
-    """Loss (train and validation, left) and validation `metrics` (right) against the optimizer step,
-    from a Trainer's `state.log_history`; saved to `path` if given."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    def series(key):
-        points = [(entry["step"], entry[key]) for entry in log_history if key in entry and "step" in entry]
-        return [p[0] for p in points], [p[1] for p in points]
-
-    figure, (loss_axis, metric_axis) = plt.subplots(1, 2, figsize=(11, 4))
-    for key, label, style in (("loss", "train loss", "-"), ("eval_loss", "validation loss", "o-")):
-        steps, values = series(key)
-        if steps:
-            loss_axis.plot(steps, values, style, label=label)
-    for name in metrics:
-        steps, values = series(f"eval_{name}")
-        if steps:
-            metric_axis.plot(steps, values, "o-", label=f"validation {name}")
-    for axis, title in ((loss_axis, "loss"), (metric_axis, "validation metrics")):
-        axis.set_xlabel("optimizer step")
-        axis.set_title(title)
-        axis.grid(alpha=0.3)
-        if axis.get_legend_handles_labels()[0]:
-            axis.legend()
-    figure.tight_layout()
-    if path is not None:
-        figure.savefig(path, dpi=110)
-    return figure
 

@@ -18,6 +18,7 @@ import LoRA
 import data
 import evaluate
 import hub
+import plots
 import utils
 
 
@@ -32,7 +33,7 @@ CONFIG = {
     # feature extraction
     "pooling": "cls",                # "cls" (first token, as the course asks) or "mean" (mask-aware)
     "max_length": 128,
-    "batch_size": 64,
+    "eval_batch_size": 64,           # texts per forward pass (on CPU also at most 1024 tokens)
     "cache_features": True,          # reuse features from <output_dir>/cache when nothing changed
     # classifiers
     "standardize": True,             # z-score features before each classifier
@@ -52,15 +53,96 @@ CONFIG = {
     "tensorboard": True,
     "trust_remote_code": False,
 }
-CHOICES = {"pooling": ("cls", "mean"), "svc_kernel": ("linear", "poly", "rbf", "sigmoid"),
-           "wandb_mode": ("offline", "online", "disabled")}
-POSITIVE = ("max_train_samples", "max_eval_samples", "max_length", "batch_size", "svc_C", "logreg_C",
+CHOICES = {"pooling": ("cls", "mean"), "svc_kernel": ("linear", "poly", "rbf", "sigmoid"), "wandb_mode": utils.WANDB_MODES}
+POSITIVE = ("max_train_samples", "max_eval_samples", "max_length", "eval_batch_size", "svc_C", "logreg_C",
             "logreg_max_iter", "C_grid")
 
 
+def main(argv: list[str] | None = None):
+    # 1. config: defaults above, overridden by key=value arguments
+    config = utils.parse_config(CONFIG, argv or [], CHOICES, POSITIVE, "exercise_1.py")
+    utils.set_seed(config["seed"])
+    timing = {}
+    start = time.perf_counter()
+
+    # 2. data: train / validation / test with text and integer labels
+    with utils.timed(timing, "load_data"):
+        splits = data.load_text_dataset(config["dataset"], config["text_column"], config["label_column"],
+                                       config["seed"], config["max_train_samples"], config["max_eval_samples"])
+    label_names = splits["train"].features["label"].names
+    print(f"data: {', '.join(f'{s} {len(d)}' for s, d in splits.items())}; classes {label_names}")
+
+    # 3. the frozen encoder; the run folder and loggers only once data and model are in hand
+    with utils.timed(timing, "load_model"):
+        model, tokenizer = load_encoder(config["model_name"], config["trust_remote_code"])
+    device = utils.best_device()
+    run_dir = utils.prepare_run_dir(config["output_dir"], config["run_name"], "exercise_1", config["overwrite"])
+    loggers = utils.RunLoggers(run_dir, config, "exercise_1")
+
+    # 4. one feature vector per text, cached on disk keyed by everything that changes it
+    features, labels, throughput = {}, {}, {}
+    model_key = utils.model_fingerprint(config["model_name"])
+    with utils.timed(timing, "features"):
+        for split, dataset in splits.items():
+            texts = dataset["text"]
+            key = {"model": model_key, "texts": utils.texts_fingerprint(texts), "split": split,
+                   "pooling": config["pooling"], "max_length": config["max_length"]}
+            began = time.perf_counter()
+            compute = lambda: extract_features(model, tokenizer, texts, config["pooling"], config["max_length"],
+                                                     config["eval_batch_size"], device, desc=f"features {split}")
+            if config["cache_features"]:
+                features[split], hit = utils.cached_array(run_dir.parent / "cache", key, compute)
+            else:
+                features[split], hit = compute(), False
+            if hit:
+                print(f"features {split}: reused cached features {features[split].shape}")
+            else:
+                throughput[split] = round(len(texts) / (time.perf_counter() - began), 1)
+            labels[split] = np.asarray(dataset["label"])
+    if throughput:
+        print(f"extraction throughput (sentences/s): {throughput}")
+
+    # 5-6. the classifiers, each a stage evaluated on validation and test
+    metrics, reports, matrices, chosen = {}, {}, {}, {}
+    for stage in ("svc", "logreg"):
+        with utils.timed(timing, stage):
+            classifier, chosen[stage] = fit_classifier(stage, config, features, labels)
+            metrics[stage], matrices[stage] = {}, {}
+            for split in ("validation", "test"):
+                predicted = classifier.predict(features[split])
+                metrics[stage][split] = evaluate.classification_metrics(labels[split], predicted)
+                matrices[stage][split] = evaluate.confusion(labels[split], predicted, len(label_names)).tolist()
+            reports[stage] = evaluate.classification_report_text(labels["test"], predicted, label_names)
+        figure = plots.plot_confusion_matrix(np.asarray(matrices[stage]["test"]), label_names,
+                                                run_dir / f"confusion_{stage}_test.png", f"{stage} on test")
+        loggers.log_figure(f"{stage}/confusion_test", figure)
+        loggers.log_text(f"{stage}/classification_report_test", reports[stage])
+        loggers.log_metrics(metrics[stage], prefix=f"{stage}.")
+    timing["total"] = round(time.perf_counter() - start, 3)
+
+    # 7. results file and summary
+    model_info = {"name": config["model_name"], "parameters": LoRA.count_parameters(model)[1],
+                  "hidden_size": int(features["train"].shape[1]), "pooling": config["pooling"]}
+    evaluate.write_results(run_dir, "exercise_1", config, metrics, timing, model_info,
+                           label_names=label_names, classifiers=chosen, confusion_matrices=matrices,
+                           classification_reports=reports, throughput_sentences_per_s=throughput,
+                           data_sizes={split: len(dataset) for split, dataset in splits.items()})
+    loggers.finish()
+    print(f"\n{evaluate.results_table(metrics)}\n\nrun folder: {run_dir}")
+    return run_dir
+
+
 # ---------------------------------------------------------------------------------------------
-# The lesson: one vector per text from a frozen encoder
+# The lesson: one vector per text from a frozen encoder (tokenize, forward pass, pool)
 # ---------------------------------------------------------------------------------------------
+
+def load_encoder(model_name: str, trust_remote_code: bool = False):
+    """A frozen text encoder and its tokenizer, from a Hub id or a local folder."""
+    from transformers import AutoModel
+
+    source, tokenizer = hub.text_model_source(model_name, "exercise 1", trust_remote_code)
+    model = AutoModel.from_pretrained(source, trust_remote_code=trust_remote_code, use_safetensors=None)
+    return model.eval(), tokenizer
 
 
 def pool(hidden, attention_mask, pooling: str):
@@ -149,14 +231,9 @@ def extract_features(model, tokenizer, texts: list[str], pooling: str = "cls", m
     return features
 
 
-def load_encoder(model_name: str, trust_remote_code: bool = False):
-    """A frozen text encoder and its tokenizer, from a Hub id or a local folder."""
-    from transformers import AutoModel
-
-    source, tokenizer = hub.text_model_source(model_name, "exercise 1", trust_remote_code)
-    model = AutoModel.from_pretrained(source, trust_remote_code=trust_remote_code, use_safetensors=None)
-    return model.eval(), tokenizer
-
+# ---------------------------------------------------------------------------------------------
+# Classic classifiers on the frozen features
+# ---------------------------------------------------------------------------------------------
 
 def make_classifier(kind: str, C: float, config: dict):
     from sklearn.linear_model import LogisticRegression
@@ -184,80 +261,6 @@ def fit_classifier(kind: str, config: dict, features: dict, labels: dict):
     if len(grid) > 1:
         print(f"{kind}: validation accuracy by C {scores} -> C={best[0]}")
     return best[1], {"C": best[0], "validation_accuracy_by_C": {str(C): s for C, s in scores.items()}}
-
-
-def main(argv: list[str] | None = None):
-    # 1. config: defaults above, overridden by key=value arguments
-    config = utils.parse_config(CONFIG, argv or [], CHOICES, POSITIVE, "exercise_1.py")
-    utils.set_seed(config["seed"])
-    timing = {}
-    start = time.perf_counter()
-
-    # 2. data: train / validation / test with text and integer labels
-    with utils.timed(timing, "load_data"):
-        splits = data.load_text_dataset(config["dataset"], config["text_column"], config["label_column"],
-                                       config["seed"], config["max_train_samples"], config["max_eval_samples"])
-    label_names = splits["train"].features["label"].names
-    print(f"data: {', '.join(f'{s} {len(d)}' for s, d in splits.items())}; classes {label_names}")
-
-    # 3. the frozen encoder; the run folder and loggers only once data and model are in hand
-    with utils.timed(timing, "load_model"):
-        model, tokenizer = load_encoder(config["model_name"], config["trust_remote_code"])
-    device = utils.best_device()
-    run_dir = utils.prepare_run_dir(config["output_dir"], config["run_name"], "exercise_1", config["overwrite"])
-    loggers = utils.RunLoggers(run_dir, config, "exercise_1")
-
-    # 4. one feature vector per text, cached on disk keyed by everything that changes it
-    features, labels, throughput = {}, {}, {}
-    model_key = utils.model_fingerprint(config["model_name"])
-    with utils.timed(timing, "features"):
-        for split, dataset in splits.items():
-            texts = dataset["text"]
-            key = {"model": model_key, "texts": utils.texts_fingerprint(texts), "split": split,
-                   "pooling": config["pooling"], "max_length": config["max_length"]}
-            began = time.perf_counter()
-            compute = lambda: extract_features(model, tokenizer, texts, config["pooling"], config["max_length"],
-                                                     config["batch_size"], device, desc=f"features {split}")
-            if config["cache_features"]:
-                features[split], hit = utils.cached_array(run_dir.parent / "cache", key, compute)
-            else:
-                features[split], hit = compute(), False
-            if hit:
-                print(f"features {split}: reused cached features {features[split].shape}")
-            else:
-                throughput[split] = round(len(texts) / (time.perf_counter() - began), 1)
-            labels[split] = np.asarray(dataset["label"])
-    if throughput:
-        print(f"extraction throughput (sentences/s): {throughput}")
-
-    # 5-6. the classifiers, each a stage evaluated on validation and test
-    metrics, reports, matrices, chosen = {}, {}, {}, {}
-    for stage in ("svc", "logreg"):
-        with utils.timed(timing, stage):
-            classifier, chosen[stage] = fit_classifier(stage, config, features, labels)
-            metrics[stage], matrices[stage] = {}, {}
-            for split in ("validation", "test"):
-                predicted = classifier.predict(features[split])
-                metrics[stage][split] = evaluate.classification_metrics(labels[split], predicted)
-                matrices[stage][split] = evaluate.confusion(labels[split], predicted, len(label_names)).tolist()
-            reports[stage] = evaluate.classification_report_text(labels["test"], predicted, label_names)
-        figure = evaluate.plot_confusion_matrix(np.asarray(matrices[stage]["test"]), label_names,
-                                                run_dir / f"confusion_{stage}_test.png", f"{stage} on test")
-        loggers.log_figure(f"{stage}/confusion_test", figure)
-        loggers.log_text(f"{stage}/classification_report_test", reports[stage])
-        loggers.log_metrics(metrics[stage], prefix=f"{stage}.")
-    timing["total"] = round(time.perf_counter() - start, 3)
-
-    # 7. results file and summary
-    model_info = {"name": config["model_name"], "parameters": LoRA.count_parameters(model)[1],
-                  "hidden_size": int(features["train"].shape[1]), "pooling": config["pooling"]}
-    evaluate.write_results(run_dir, "exercise_1", config, metrics, timing, model_info,
-                           label_names=label_names, classifiers=chosen, confusion_matrices=matrices,
-                           classification_reports=reports, throughput_sentences_per_s=throughput,
-                           data_sizes={split: len(dataset) for split, dataset in splits.items()})
-    loggers.finish()
-    print(f"\n{evaluate.results_table(metrics)}\n\nrun folder: {run_dir}")
-    return run_dir
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ checkpoints saved before it.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -27,9 +26,9 @@ import LoRA
 import data
 import evaluate
 import hub
+import plots
 import training
 import utils
-
 
 CONFIG = {
     # what to run on: a Hub id or a local folder for each
@@ -70,6 +69,7 @@ CONFIG = {
         "dropout": 0.1,
         "target_modules": ["query", "value"],  # roles query/key/value/output, or the model's module names
         "use_rslora": False,         # rank-stabilised scale alpha/sqrt(r) instead of alpha/r
+        "modules_to_save": [],       # whole modules trained too (the classification head always is)
         "learning_rate": 5e-4,       # replaces learning_rate: adapters start at zero and need larger steps
     },
     # run bookkeeping and logging (report_to follows tensorboard and wandb_mode)
@@ -84,31 +84,126 @@ CONFIG = {
 }
 METRICS = ("loss", "accuracy", "precision_macro", "recall_macro", "f1_macro",
            "precision_weighted", "recall_weighted", "f1_weighted")
-CHOICES = {"eval_strategy": ("epoch", "steps"), "metric_for_best_model": METRICS,
-           "mixed_precision": ("auto", "no", "bf16", "fp16"),
-           "lr_scheduler_type": ("linear", "cosine", "constant", "constant_with_warmup"),
-           "wandb_mode": ("offline", "online", "disabled")}
-POSITIVE = ("max_train_samples", "max_eval_samples", "max_length", "learning_rate", "num_train_epochs",
-            "max_steps", "batch_size", "eval_batch_size", "gradient_accumulation_steps", "eval_steps",
-            "logging_steps", "save_total_limit", "lora.r", "lora.alpha", "lora.learning_rate")
+CHOICES = {**training.CHOICES, "eval_strategy": ("epoch", "steps"), "metric_for_best_model": METRICS}
+POSITIVE = (*training.POSITIVE, "max_length")
 
 
-def check_config(config: dict, device: str) -> None:
-    """The checks parse_config's `positive` cannot express."""
-    training.trainer_precision(config["mixed_precision"], device)
-    for key in ("weight_decay", "warmup", "max_grad_norm"):
-        if config[key] < 0:
-            raise utils.LabError(f"{key!r} must be >= 0, got {config[key]!r}")
-    if not 0 <= config["lora"]["dropout"] < 1:
-        raise utils.LabError(f"'lora.dropout' must be in [0, 1), got {config['lora']['dropout']!r}")
-    if config["resume"] and not config["run_name"]:
-        raise utils.LabError("resume=True needs run_name=<the run to continue> (its folder under output_dir)")
+def main(argv: list[str] | None = None, callbacks=()):
+    """Run exercise 2; `callbacks`: extra TrainerCallbacks (e.g. EarlyStoppingCallback)."""
+    from accelerate import PartialState
+
+    # 1. config; torchrun has already started the processes, PartialState joins them up
+    config = utils.parse_config(CONFIG, argv or [], CHOICES, POSITIVE, "exercise_2.py")
+    device = utils.best_device()
+    training.check_config(config, device)
+    distributed = PartialState(cpu=device == "cpu")
+    main_process = distributed.is_main_process
+    timing = {}
+    start = time.perf_counter()
+
+    # 2. data: train / validation / test with text and integer labels
+    with utils.timed(timing, "load_data"):
+        splits = data.load_text_dataset(config["dataset"], config["text_column"], config["label_column"],
+                                       config["seed"], config["max_train_samples"], config["max_eval_samples"])
+    label_names = splits["train"].features["label"].names
+    if main_process:
+        print(f"data: {', '.join(f'{s} {len(d)}' for s, d in splits.items())}; classes {label_names}")
+
+    # 3. the model: pretrained encoder + fresh head (seeded), optionally wrapped with LoRA adapters
+    with utils.timed(timing, "load_model"):
+        utils.set_seed(config["seed"])
+        model, tokenizer = load_classifier(config["model_name"], label_names, config["trust_remote_code"])
+        if config["lora"]["enabled"]:
+            model = LoRA.apply_lora(model, config["lora"])
+    trainable, total = LoRA.count_parameters(model)
+    if main_process:
+        print(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)")
+
+    # 4. token ids without padding; the collator pads each batch to its own longest text
+    with utils.timed(timing, "tokenize"):
+        tokenized = tokenize(splits, tokenizer, config["max_length"])
+
+    # 5. the run folder (one for all processes) and loggers, once data and model are in hand
+    run_dir, loggers = training.start_trainer_run(config, distributed, "exercise_2")
+
+    # 6. TrainingArguments: the shared keys (training.py) plus this exercise's evaluation and checkpoint plan:
+    #    evaluate and save together, so the checkpoint best on validation can be the one tested
+    args = training.training_arguments(
+        config, run_dir, run_dir.name, device, save_strategy=config["eval_strategy"],
+        save_steps=config["eval_steps"] if config["eval_strategy"] == "steps" else None,
+        load_best_model_at_end=True, metric_for_best_model=config["metric_for_best_model"],
+        train_sampling_strategy="group_by_length" if config["group_by_length"] else "random")
+
+    # 7. the Trainer: the collator pads each batch, compute_metrics scores the argmax ids (evaluate.py)
+    stop = training.StopOnSignal()
+    trainer = training.LabTrainer(
+        model=model, args=args, train_dataset=tokenized["train"], eval_dataset=tokenized["validation"],
+        processing_class=tokenizer, data_collator=make_collator(tokenizer, device),
+        compute_metrics=evaluate.compute_metrics, preprocess_logits_for_metrics=evaluate.preprocess_logits_for_metrics,
+        callbacks=[stop.callback(), *callbacks])
+
+    # 8. the `pretrained` stage: the same model before any training
+    metrics, outputs, speed = {}, {}, {}
+    if config["evaluate_pretrained"]:
+        with utils.timed(timing, "pretrained"):
+            metrics["pretrained"], outputs["pretrained"], speed["pretrained"] = evaluate_stage(trainer, tokenized)
+
+    # 9. train, from the newest checkpoint when resuming
+    checkpoint = training.resume_checkpoint(config, run_dir, main_process)
+    with utils.timed(timing, "train"), training.guarded(trainer, stop, run_dir, config, loggers):
+        train_output = trainer.train(resume_from_checkpoint=checkpoint)
+
+    # 10. the `fine_tuned` stage: the best checkpoint (loaded by the Trainer) on validation and test
+    with utils.timed(timing, "evaluate"):
+        metrics["fine_tuned"], outputs["fine_tuned"], speed["fine_tuned"] = evaluate_stage(trainer, tokenized)
+    timing["total"] = round(time.perf_counter() - start, 3)
+    if not main_process:
+        return run_dir
+
+    # 11. results file, plots and summary (main process only)
+    matrices, reports = {}, {}
+    for stage, predictions in outputs.items():
+        matrices[stage] = {split: evaluate.confusion(labels, predicted, len(label_names)).tolist()
+                           for split, (labels, predicted) in predictions.items()}
+        reports[stage] = evaluate.classification_report_text(*predictions["test"], label_names)
+    curves = plots.plot_training_curves(trainer.state.log_history, run_dir / "training_curves.png")
+    confusion = plots.plot_confusion_matrix(np.asarray(matrices["fine_tuned"]["test"]), label_names,
+                                               run_dir / "confusion_fine_tuned_test.png", "fine-tuned on test")
+    # step=None: W&B appends these after the Trainer's own steps instead of dropping them as out of order
+    for stage in metrics:
+        loggers.log_metrics(metrics[stage], prefix=f"{stage}.", step=None)
+    loggers.log_figure("fine_tuned/training_curves", curves, step=None)
+    loggers.log_figure("fine_tuned/confusion_test", confusion, step=None)
+    loggers.log_text("fine_tuned/classification_report_test", reports["fine_tuned"])
+    if config["lora"]["enabled"]:
+        LoRA.save_adapter(trainer.model, run_dir / "adapter")
+    best = trainer.state.best_model_checkpoint
+    model_info = {"name": config["model_name"], "parameters": total, "trainable_parameters": trainable,
+                  "num_labels": len(label_names), "lora": config["lora"] if config["lora"]["enabled"] else None,
+                  "adapter": str(run_dir / "adapter") if config["lora"]["enabled"] else None}
+    train_metrics = train_output.metrics
+    evaluate.write_results(
+        run_dir, "exercise_2", config, metrics, timing, model_info, label_names=label_names, report_to=args.report_to,
+        best_checkpoint=best, best_metric={config["metric_for_best_model"]: trainer.state.best_metric},
+        training={"global_step": trainer.state.global_step, "epochs": trainer.state.epoch,
+                  "train_loss": train_metrics.get("train_loss"), "resumed_from": checkpoint,
+                  "processes": distributed.num_processes, "device": device},
+        throughput={"train_samples_per_second": train_metrics.get("train_samples_per_second"),
+                    "eval_samples_per_second": speed},
+        confusion_matrices=matrices, classification_reports=reports,
+        data_sizes={split: len(dataset) for split, dataset in splits.items()}, memory=peak_memory(device),
+        log_history=trainer.state.log_history)
+    loggers.finish()
+    print(f"\n{evaluate.results_table(metrics)}\n\nbest checkpoint: {best}\n"
+          f"train: {train_metrics.get('train_samples_per_second')} samples/s over {timing['train']:.0f} s\n"
+          f"run folder: {run_dir}")
+    return run_dir
+
 
 
 # ---------------------------------------------------------------------------------------------
-# Data and model
+# The pieces main() assembles
 # ---------------------------------------------------------------------------------------------
-
 
 def tokenize(splits, tokenizer, max_length: int):
     """Token ids per text, truncated but not padded: the collator pads each batch to its longest."""
@@ -145,11 +240,6 @@ def load_classifier(model_name: str, label_names: list[str], trust_remote_code: 
     return model, tokenizer
 
 
-# ---------------------------------------------------------------------------------------------
-# Evaluation
-# ---------------------------------------------------------------------------------------------
-
-
 def evaluate_stage(trainer, datasets) -> tuple[dict, dict, dict]:
     """Metrics, (labels, predicted ids) and samples/s per split; only argmax ids are kept, so
     memory does not grow with the evaluation set."""
@@ -174,130 +264,6 @@ def peak_memory(device: str) -> dict:
     if device == "cuda":
         memory["peak_cuda_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
     return memory
-
-
-def main(argv: list[str] | None = None, callbacks=()):
-    """Run exercise 2; `callbacks`: extra TrainerCallbacks (e.g. EarlyStoppingCallback)."""
-    from accelerate import PartialState
-
-    # 1. config; torchrun has already started the processes, PartialState joins them up
-    config = utils.parse_config(CONFIG, argv or [], CHOICES, POSITIVE, "exercise_2.py")
-    device = utils.best_device()
-    check_config(config, device)
-    distributed = PartialState(cpu=device == "cpu")
-    main_process = distributed.is_main_process
-    timing = {}
-    start = time.perf_counter()
-
-    # 2. data: train / validation / test with text and integer labels
-    with utils.timed(timing, "load_data"):
-        splits = data.load_text_dataset(config["dataset"], config["text_column"], config["label_column"],
-                                       config["seed"], config["max_train_samples"], config["max_eval_samples"])
-    label_names = splits["train"].features["label"].names
-    if main_process:
-        print(f"data: {', '.join(f'{s} {len(d)}' for s, d in splits.items())}; classes {label_names}")
-
-    # 3. the model: pretrained encoder + fresh head (seeded), optionally wrapped with LoRA adapters
-    with utils.timed(timing, "load_model"):
-        utils.set_seed(config["seed"])
-        model, tokenizer = load_classifier(config["model_name"], label_names, config["trust_remote_code"])
-        if config["lora"]["enabled"]:
-            model = LoRA.apply_lora(model, config["lora"])
-    trainable, total = LoRA.count_parameters(model)
-    if main_process:
-        print(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)")
-
-    # 4. token ids without padding; the collator pads each batch to its own longest text
-    with utils.timed(timing, "tokenize"):
-        tokenized = tokenize(splits, tokenizer, config["max_length"])
-
-    # 5. the run folder (one for all processes) and loggers, once data and model are in hand
-    run_dir, loggers = training.start_trainer_run(config, distributed, "exercise_2")
-    report_to = training.trainer_reporters(config)
-
-    # 6. the Trainer: best checkpoint by validation metric, metrics from evaluate.py
-    guard, stop = training.NonFiniteLossGuard(), training.StopOnSignal()
-    trainer = training.make_trainer(
-        guard, model=model, args=training.training_arguments(config, run_dir, report_to, device),
-        train_dataset=tokenized["train"], eval_dataset=tokenized["validation"], processing_class=tokenizer,
-        data_collator=make_collator(tokenizer, device), compute_metrics=evaluate.compute_metrics,
-        preprocess_logits_for_metrics=evaluate.preprocess_logits_for_metrics, callbacks=[stop.callback(), *callbacks])
-
-    # 7. the `pretrained` stage: the same model before any training
-    metrics, outputs, speed = {}, {}, {}
-    if config["evaluate_pretrained"]:
-        with utils.timed(timing, "pretrained"):
-            metrics["pretrained"], outputs["pretrained"], speed["pretrained"] = evaluate_stage(trainer, tokenized)
-
-    # 8. train, from the newest checkpoint when resuming
-    checkpoint = training.latest_checkpoint(run_dir) if config["resume"] else None
-    if config["resume"] and main_process:
-        print(f"resuming from {checkpoint}" if checkpoint else f"resume: no checkpoint in {run_dir}; starting afresh")
-    with utils.timed(timing, "train"), stop:
-        train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    if guard.stopped or stop.received:
-        stop_early(guard, stop, trainer, run_dir, config, loggers)
-
-    # 9. the `fine_tuned` stage: the best checkpoint (loaded by the Trainer) on validation and test
-    with utils.timed(timing, "evaluate"):
-        metrics["fine_tuned"], outputs["fine_tuned"], speed["fine_tuned"] = evaluate_stage(trainer, tokenized)
-    timing["total"] = round(time.perf_counter() - start, 3)
-    if not main_process:
-        return run_dir
-
-    # 10. results file, plots and summary (main process only)
-    matrices, reports = {}, {}
-    for stage, predictions in outputs.items():
-        matrices[stage] = {split: evaluate.confusion(labels, predicted, len(label_names)).tolist()
-                           for split, (labels, predicted) in predictions.items()}
-        reports[stage] = evaluate.classification_report_text(*predictions["test"], label_names)
-    curves = evaluate.plot_training_curves(trainer.state.log_history, run_dir / "training_curves.png")
-    confusion = evaluate.plot_confusion_matrix(np.asarray(matrices["fine_tuned"]["test"]), label_names,
-                                               run_dir / "confusion_fine_tuned_test.png", "fine-tuned on test")
-    # step=None: W&B appends these after the Trainer's own steps instead of dropping them as out of order
-    for stage in metrics:
-        loggers.log_metrics(metrics[stage], prefix=f"{stage}.", step=None)
-    loggers.log_figure("fine_tuned/training_curves", curves, step=None)
-    loggers.log_figure("fine_tuned/confusion_test", confusion, step=None)
-    loggers.log_text("fine_tuned/classification_report_test", reports["fine_tuned"])
-    if config["lora"]["enabled"]:
-        LoRA.save_adapter(trainer.model, run_dir / "adapter")
-    best = trainer.state.best_model_checkpoint
-    model_info = {"name": config["model_name"], "parameters": total, "trainable_parameters": trainable,
-                  "num_labels": len(label_names), "lora": config["lora"] if config["lora"]["enabled"] else None,
-                  "adapter": str(run_dir / "adapter") if config["lora"]["enabled"] else None}
-    train_metrics = train_output.metrics
-    evaluate.write_results(
-        run_dir, "exercise_2", config, metrics, timing, model_info, label_names=label_names, report_to=report_to,
-        best_checkpoint=best, best_metric={config["metric_for_best_model"]: trainer.state.best_metric},
-        training={"global_step": trainer.state.global_step, "epochs": trainer.state.epoch,
-                  "train_loss": train_metrics.get("train_loss"), "resumed_from": str(checkpoint) if checkpoint else None,
-                  "processes": distributed.num_processes, "device": device},
-        throughput={"train_samples_per_second": train_metrics.get("train_samples_per_second"),
-                    "eval_samples_per_second": speed},
-        confusion_matrices=matrices, classification_reports=reports,
-        data_sizes={split: len(dataset) for split, dataset in splits.items()}, memory=peak_memory(device),
-        log_history=trainer.state.log_history)
-    loggers.finish()
-    print(f"\n{evaluate.results_table(metrics)}\n\nbest checkpoint: {best}\n"
-          f"train: {train_metrics.get('train_samples_per_second')} samples/s over {timing['train']:.0f} s\n"
-          f"run folder: {run_dir}")
-    return run_dir
-
-
-def stop_early(guard: training.NonFiniteLossGuard, stop: training.StopOnSignal, trainer, run_dir: Path, config: dict,
-               loggers) -> None:
-    """End a run whose training stopped early: an error for a bad loss, a clean exit for a signal."""
-    checkpoint = training.latest_checkpoint(run_dir)
-    if loggers is not None:
-        loggers.finish()
-    if guard.stopped:
-        where = f"at step {guard.bad_loss[0]} ({guard.bad_loss[1]})" if guard.bad_loss else "in another process"
-        kept = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint had been saved yet"
-        raise utils.LabError(f"training stopped: the loss became NaN or infinite {where}; nothing after it was "
-                             f"saved and {kept}. Lower learning_rate (or lora.learning_rate) or max_grad_norm and "
-                             f"run again")
-    stop.exit(trainer.state.global_step, checkpoint, run_dir, config["output_dir"], trainer.is_world_process_zero())
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ import math
 import sys
 from pathlib import Path
 
-RESULTS_FILE = "results.json"
+from evaluate import RESULTS_FILE
+
 SWEEP_FILE = "sweep.json"
 REPORT_FILE = "REPORT.md"
 
@@ -255,10 +256,7 @@ def _as_number(text: str) -> float | None:
 
 def plot_ablation(sweep: dict, rows: list[dict], path: Path) -> Path | None:
     """Accuracy against the first swept key, one line per combination of the others."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from plots import plt
 
     axes = list(sweep["axes"])
     x_key, others = axes[0], axes[1:]
@@ -300,10 +298,7 @@ def plot_ablation(sweep: dict, rows: list[dict], path: Path) -> Path | None:
 
 
 def plot_comparison(rows: list[dict], path: Path) -> Path | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from plots import plt
 
     rows = [row for row in rows if row["accuracy"] is not None]
     if not rows:

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import utils
+from evaluate import RESULTS_FILE
 
 SWEEP_FILE = "sweep.json"
 RESERVED_KEYS = ("output_dir", "run_name")  # the sweep sets these for every point
@@ -183,7 +184,7 @@ def run_point(command: list[str], sweep_dir: Path, name: str) -> dict:
         handle.write(" ".join(command) + "\n\n")
         handle.flush()
         returncode = subprocess.call(command, stdout=handle, stderr=subprocess.STDOUT)
-    results = sweep_dir / name / "results.json"
+    results = sweep_dir / name / RESULTS_FILE
     status = "ok" if returncode == 0 and results.exists() else "failed"
     error = None
     if status == "failed":

@@ -7,9 +7,12 @@ import os
 import signal
 import sys
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from transformers import Trainer
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 import utils
 from utils import LabError
@@ -18,8 +21,6 @@ from utils import LabError
 def trainer_precision(setting: str, device: str) -> str:
     """The Trainer's precision for a `mixed_precision` setting: "no" (fp32), "bf16" or "fp16". Mixed
     precision only on CUDA ("auto": bf16 where the GPU has it, else fp16); bf16 on a CPU is far slower."""
-    import torch
-
     if setting in ("bf16", "fp16") and device != "cuda":
         raise LabError(f"mixed_precision={setting} needs a CUDA GPU; use auto or no on {device}")
     if setting == "auto":
@@ -42,7 +43,7 @@ def start_trainer_run(config: dict, state, exercise: str) -> tuple[Path, "utils.
     run_dir = [None]
     if state.is_main_process:
         run_dir[0] = utils.prepare_run_dir(config["output_dir"], config["run_name"], exercise, config["overwrite"],
-                                     resume=config["resume"])
+                                           resume=config["resume"])
     if state.num_processes > 1:
         broadcast_object_list(run_dir)
     run_dir = Path(run_dir[0])
@@ -62,7 +63,6 @@ def latest_checkpoint(folder: Path) -> Path | None:
 def largest_across_processes(value: int, device) -> int:
     """The largest of `value` over all DDP processes (the value itself in a single process): how the
     processes agree on a decision, so they all take it at the same step."""
-    import torch
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
@@ -124,126 +124,142 @@ class StopOnSignal:
 
         return StopCallback()
 
-    def exit(self, step: int, checkpoint: Path | None, run_dir: Path, output_dir: str, announce: bool = True):
+    def exit(self, step: int, checkpoint: Path | None, config: dict, run_name: str, announce: bool = True):
         """Say how to continue (when `announce`), then exit with 128 + the signal's number, as shells do."""
         if announce:
             print(f"{signal.Signals(self.received).name}: training stopped at step {step}; checkpoint {checkpoint}. "
-                  f"Continue with the same arguments plus resume=True run_name={run_dir.name} "
-                  f"output_dir={output_dir}", file=sys.stderr, flush=True)
+                  f"Continue with the same arguments plus resume=True run_name={run_name} "
+                  f"output_dir={config['output_dir']}", file=sys.stderr, flush=True)
         raise SystemExit(128 + self.received)
 
 
-def _finite_everywhere(loss: torch.Tensor) -> bool:
-    """Whether the loss is finite in every process: all stop together, none waits on the others."""
-    return not largest_across_processes(int(not torch.isfinite(loss.detach()).all()), loss.device)
+# ---------------------------------------------------------------------------------------------
+# Config keys both exercises share, and the TrainingArguments they map to
+# ---------------------------------------------------------------------------------------------
+
+CHOICES = {"lr_scheduler_type": ("linear", "cosine", "constant", "constant_with_warmup"),
+           "mixed_precision": ("auto", "no", "bf16", "fp16"), "wandb_mode": utils.WANDB_MODES}
+POSITIVE = ("max_train_samples", "max_eval_samples", "learning_rate", "num_train_epochs", "max_steps", "batch_size",
+            "eval_batch_size", "gradient_accumulation_steps", "eval_steps", "logging_steps", "save_total_limit",
+            "lora.r", "lora.alpha", "lora.learning_rate")
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; raised before the backward pass so the weights stay good."""
+def check_config(config: dict, device: str) -> None:
+    """The checks of the shared Trainer keys that parse_config's `positive` cannot express."""
+    trainer_precision(config["mixed_precision"], device)
+    for key in ("weight_decay", "warmup", "max_grad_norm"):
+        if config[key] < 0:
+            raise LabError(f"{key!r} must be >= 0, got {config[key]!r}")
+    if not 0 <= config["lora"]["dropout"] < 1:
+        raise LabError(f"'lora.dropout' must be in [0, 1), got {config['lora']['dropout']!r}")
+    if config["resume"] and not config["run_name"]:
+        raise LabError("resume=True needs run_name=<the run to continue> (its folder under output_dir)")
 
 
-class NonFiniteLossGuard:
-    """Stops training at the first NaN or infinite loss and saves nothing more, so the newest checkpoint
-    on disk is the last good one. Under DDP the processes agree at every step, so they all stop at the
-    same one."""
-
-    def __init__(self):
-        self.bad_loss = None             # (step, value) of the first non-finite loss seen here
-        self.stopped = False             # once the processes agree
-
-    def observe_loss(self, loss, step: int) -> None:
-        if self.bad_loss is None and not bool(loss.isfinite().all()):
-            self.bad_loss = (step, float(loss.detach().float().mean()))
-
-    def on_step_end(self, control, device):
-        """Runs after every other callback, so it can veto the saves they schedule."""
-        if largest_across_processes(int(self.bad_loss is not None), device):
-            self.stopped = True
-            control.should_training_stop = True
-            control.should_save = control.should_evaluate = False
-
-    def on_epoch_end(self, control):
-        if self.stopped:  # the Trainer would evaluate and save at the end of the epoch cut short
-            control.should_save = control.should_evaluate = False
+def learning_rate(config: dict) -> float:
+    """LoRA adapters start at zero and need larger steps than full fine-tuning: each has its own rate."""
+    return config["lora"]["learning_rate"] if config["lora"]["enabled"] else config["learning_rate"]
 
 
-def make_trainer(guard: NonFiniteLossGuard, callbacks=(), **kwargs):
-    """A Trainer whose every training loss the guard sees (its callback runs last), and whose
-    length-grouped order is seeded by (seed, epoch), so a run resumed mid-epoch replays the same batches."""
-    import torch
-    from transformers import Trainer, TrainerCallback
-    from transformers.trainer_pt_utils import LengthGroupedSampler
-
-    class GuardCallback(TrainerCallback):
-        def on_step_end(self, args, state, control, **_):
-            guard.on_step_end(control, args.device)
-
-        def on_epoch_end(self, args, state, control, **_):
-            guard.on_epoch_end(control)
-
-    class SeededLengthGroupedSampler(LengthGroupedSampler):
-        # the stock one draws from the global RNG when an epoch starts, which a resume cannot replay
-        def __init__(self, batch_size: int, lengths: list[int], seed: int):
-            super().__init__(batch_size, lengths=lengths, generator=torch.Generator())
-            self.seed, self.epoch = seed, 0
-
-        def set_epoch(self, epoch: int):
-            self.epoch = epoch
-
-        def __iter__(self):
-            self.generator.manual_seed(self.seed + self.epoch)
-            return super().__iter__()
-
-    class GuardedTrainer(Trainer):
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            loss = super().training_step(model, inputs, num_items_in_batch)
-            guard.observe_loss(loss, self.state.global_step + 1)
-            return loss
-
-        def _get_train_sampler(self, train_dataset=None):
-            sampler = super()._get_train_sampler(train_dataset)
-            if type(sampler) is LengthGroupedSampler:
-                seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-                return SeededLengthGroupedSampler(sampler.batch_size, sampler.lengths, seed)
-            return sampler
-
-    return GuardedTrainer(callbacks=[*callbacks, GuardCallback()], **kwargs)
-
-
-def training_arguments(config: dict, run_dir: Path, report_to: list[str], device: str):
+def training_arguments(config: dict, output_dir: Path, run_name: str, device: str, **specific):
+    """TrainingArguments from the config keys exercises 2 and 3 share; `specific` adds each one's own."""
     from transformers import TrainingArguments
 
     precision = trainer_precision(config["mixed_precision"], device)
-    lora = config["lora"]["enabled"]
     steps = config["eval_strategy"] == "steps"
     return TrainingArguments(
-        output_dir=str(run_dir),
-        run_name=run_dir.name,
-        report_to=report_to or "none",
-        seed=config["seed"],
-        learning_rate=config["lora"]["learning_rate"] if lora else config["learning_rate"],
-        num_train_epochs=config["num_train_epochs"],
-        max_steps=config["max_steps"] or -1,
-        per_device_train_batch_size=config["batch_size"],
+        output_dir=str(output_dir), run_name=run_name, report_to=trainer_reporters(config) or "none",
+        seed=config["seed"], learning_rate=learning_rate(config), num_train_epochs=config["num_train_epochs"],
+        max_steps=config["max_steps"] or -1, per_device_train_batch_size=config["batch_size"],
         per_device_eval_batch_size=config["eval_batch_size"],
-        gradient_accumulation_steps=config["gradient_accumulation_steps"],
-        weight_decay=config["weight_decay"],
-        warmup_steps=config["warmup"],
-        lr_scheduler_type=config["lr_scheduler_type"],
-        max_grad_norm=config["max_grad_norm"],
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
-        train_sampling_strategy="group_by_length" if config["group_by_length"] else "random",
-        eval_strategy=config["eval_strategy"],
-        eval_steps=config["eval_steps"] if steps else None,
-        save_strategy=config["eval_strategy"],  # the best checkpoint can only be one that was evaluated
-        save_steps=config["eval_steps"] if steps else None,
-        save_total_limit=config["save_total_limit"],
-        load_best_model_at_end=True,
-        metric_for_best_model=config["metric_for_best_model"],
-        logging_strategy="steps",
-        logging_steps=config["logging_steps"],
-        label_names=["labels"],
-        dataloader_pin_memory=device == "cuda",
+        gradient_accumulation_steps=config["gradient_accumulation_steps"], weight_decay=config["weight_decay"],
+        warmup_steps=config["warmup"], lr_scheduler_type=config["lr_scheduler_type"],
+        max_grad_norm=config["max_grad_norm"], bf16=precision == "bf16", fp16=precision == "fp16",
+        eval_strategy=config["eval_strategy"], eval_steps=config["eval_steps"] if steps else None,
+        save_total_limit=config["save_total_limit"], logging_strategy="steps", logging_steps=config["logging_steps"],
+        label_names=["labels"], dataloader_pin_memory=device == "cuda",
         use_cpu=device == "cpu",  # also what makes torchrun on CPU use DDP (gloo) instead of N separate runs
-    )
+        **specific)
+
+
+# ---------------------------------------------------------------------------------------------
+# One non-finite-loss policy, a resumable batch order, and the guard around trainer.train()
+# ---------------------------------------------------------------------------------------------
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; raised before its backward pass, so no update used it."""
+
+
+def check_loss(loss: torch.Tensor, step: int) -> None:
+    """The policy of both exercises: a NaN or infinite training loss stops training before its backward
+    pass, so the weights, and every checkpoint saved so far, are as the last good step left them. Under
+    DDP the processes agree first, so they all stop at the same step and none waits on the others."""
+    bad_here = not bool(torch.isfinite(loss.detach()).all())
+    if largest_across_processes(int(bad_here), loss.device):
+        where = f"({loss.detach().float().mean().item()})" if bad_here else "(in another process)"
+        raise NonFiniteLossError(f"the loss became NaN or infinite at step {step} {where}")
+
+
+class LabTrainer(Trainer):
+    """The stock Trainer plus the non-finite-loss policy and a length-grouped order seeded by (seed, epoch),
+    so that a run resumed mid-epoch replays the same batches. Exercise 3's CLIPTrainer builds on it."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if model.training:      # evaluation computes losses too; only a training loss stops training
+            check_loss(result[0] if return_outputs else result, self.state.global_step + 1)
+        return result
+
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = super()._get_train_sampler(train_dataset)
+        if type(sampler) is LengthGroupedSampler:
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return SeededLengthGroupedSampler(sampler.batch_size, sampler.lengths, seed)
+        return sampler
+
+
+class SeededLengthGroupedSampler(LengthGroupedSampler):
+    """The stock sampler draws from the global RNG when an epoch starts, which a resume cannot replay."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths, generator=torch.Generator())
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.generator.manual_seed(self.seed + self.epoch)
+        return super().__iter__()
+
+
+def resume_checkpoint(config: dict, checkpoints: Path, main_process: bool = True) -> str | None:
+    """The newest checkpoint to continue from when `resume` is on (None: start afresh)."""
+    if not config["resume"]:
+        return None
+    checkpoint = latest_checkpoint(checkpoints)
+    if main_process:
+        print(f"resuming from {checkpoint}" if checkpoint else f"resume: no checkpoint in {checkpoints}; starting afresh")
+    return str(checkpoint) if checkpoint else None
+
+
+@contextmanager
+def guarded(trainer, stop: StopOnSignal, checkpoints: Path, config: dict, loggers):
+    """Around trainer.train(), whose callbacks include `stop.callback()`: Ctrl-C or SIGTERM finishes the
+    step, saves a checkpoint and exits with the command that resumes; a non-finite loss (check_loss) ends
+    in one error line naming the last good checkpoint. Both finish the loggers first."""
+    try:
+        with stop:
+            yield
+    except NonFiniteLossError as error:
+        if loggers:
+            loggers.finish()
+        kept = latest_checkpoint(checkpoints)
+        raise LabError(f"training stopped: {error}; the update was not applied and "
+                       f"{f'the last good checkpoint is {kept}' if kept else 'no checkpoint had been saved yet'}. "
+                       f"Lower learning_rate (lora.learning_rate with LoRA) or max_grad_norm and run again") from None
+    if stop.received:
+        if loggers:
+            loggers.finish()
+        stop.exit(trainer.state.global_step, latest_checkpoint(checkpoints), config, trainer.args.run_name,
+                  trainer.is_world_process_zero())

@@ -18,6 +18,9 @@ from pathlib import Path
 import numpy as np
 
 
+WANDB_MODES = ("offline", "online", "disabled")
+
+
 class LabError(Exception):
     """A problem the user can fix (bad config, missing data, offline Hub id): printed, exit code 2."""
 

@@ -51,9 +51,8 @@ def measure(model_name: str, dataset: str, n: int) -> dict:
     tokenized = exercise_2.tokenize(splits, tokenizer, exercise_2.CONFIG["max_length"])
     config = utils.parse_config(exercise_2.CONFIG, ["tensorboard=false", "wandb_mode=disabled"])
     with tempfile.TemporaryDirectory() as scratch:
-        trainer = training.make_trainer(
-            training.NonFiniteLossGuard(), model=model,
-            args=training.training_arguments(config, Path(scratch), [], "cpu"),
+        trainer = training.LabTrainer(
+            model=model, args=training.training_arguments(config, Path(scratch), "eval-memory", "cpu"),
             eval_dataset=tokenized["validation"], processing_class=tokenizer,
             data_collator=exercise_2.make_collator(tokenizer, "cpu"), compute_metrics=evaluate.compute_metrics,
             preprocess_logits_for_metrics=evaluate.preprocess_logits_for_metrics)

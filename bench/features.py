@@ -38,7 +38,7 @@ def main() -> None:
     parser = common.parser(__doc__, "rotten_tomatoes")
     parser.add_argument("--sentences", type=int, default=1000)
     parser.add_argument("--pooling", default="cls", choices=("cls", "mean"))
-    parser.add_argument("--batch-size", type=int, default=exercise_1.CONFIG["batch_size"])
+    parser.add_argument("--batch-size", type=int, default=exercise_1.CONFIG["eval_batch_size"])
     parser.add_argument("--max-length", type=int, default=exercise_1.CONFIG["max_length"])
     parser.add_argument("--repeats", type=int, default=3, help="rounds of both sides; the median round counts")
     args = common.parse_args(parser, "tiny run: 32 sentences, one repeat, small matmul", common.minilm)

@@ -1,7 +1,7 @@
 """Exercise 2's training setup vs the same Trainer fed batches padded to max_length=256.
 
 Both sides use exercise 2's own pieces: the seeded model from `load_classifier`, TrainingArguments
-from `training_arguments` (defaults: batch 16, fp32 on CPU, fused AdamW), `make_trainer`, for the same
+from `training.training_arguments` (defaults: batch 16, fp32 on CPU, fused AdamW), `training.LabTrainer`, for the same
 fixed number of optimizer steps on the same batches: batches of exercise 2's first epoch on the full
 training split, as its length-grouped sampler forms them, picked across the range of their widths (a
 few steps on a small subset would group far worse than the exercise does: megabatches of 48 instead of
@@ -58,7 +58,7 @@ def record_token_counts(model) -> list:
 
 def exercise_batches(lengths: list[int], batch_size: int, count: int, seed: int) -> list[list[int]]:
     """`count` batches of exercise 2's first epoch, as its length-grouped sampler forms them (the stock
-    LengthGroupedSampler seeded with `seed`, as `make_trainer`'s is at epoch 0), picked at evenly spaced
+    LengthGroupedSampler seeded with `seed`, as `training.LabTrainer`'s is at epoch 0), picked at evenly spaced
     quantiles of their padded width so their lengths represent the whole epoch; in epoch order."""
     import torch
     from transformers.trainer_pt_utils import LengthGroupedSampler
@@ -88,12 +88,12 @@ def train_steps(model_name: str, splits, padding: str, warmup: int, timed: int, 
         tokenized = splits.map(lambda batch: tokenizer(batch["text"], padding="max_length", truncation=True,
                                                      max_length=256), batched=True, remove_columns=["text"])
         collator = DataCollatorWithPadding(tokenizer)
-    args = training.training_arguments(config, run_dir, [], "cpu")
+    args = training.training_arguments(config, run_dir, run_dir.name, "cpu")
     args.train_sampling_strategy = "sequential"  # the picked batches are already in the exercise's order
     recorder = StepRecorder()
     token_counts = record_token_counts(model)
-    trainer = training.make_trainer(
-        training.NonFiniteLossGuard(), model=model, args=args, train_dataset=tokenized["train"].select(picked),
+    trainer = training.LabTrainer(
+        model=model, args=args, train_dataset=tokenized["train"].select(picked),
         eval_dataset=tokenized["validation"], processing_class=tokenizer, data_collator=collator,
         callbacks=[recorder])
     with contextlib.redirect_stdout(sys.stderr):  # the Trainer's log lines would mix with the JSON line

@@ -41,16 +41,17 @@ def reencoding_predictions(model, tokenizer, class_names, templates, dataset, co
     predictions = []
     with torch.inference_mode():
         for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collator):
-            classifier = clip.ZeroShotClassifier(model, tokenizer, class_names, templates)  # nothing cached
-            logits = classifier.image_logits(batch["pixel_values"], classifier.class_features())
+            classifier = clip.build_zero_shot_classifier(model, tokenizer, class_names, templates)  # every batch
+            logits = clip.zero_shot_logits(model, batch["pixel_values"], classifier)
             predictions.append(logits.argmax(dim=-1).numpy())
     return np.concatenate(predictions)
 
 
 def cached_predictions(model, tokenizer, class_names, templates, dataset, collator, batch_size) -> np.ndarray:
-    """Exercise 3's evaluation: clip.evaluate_zero_shot, class features encoded once per evaluation."""
-    classifier = clip.ZeroShotClassifier(model, tokenizer, class_names, templates)
-    return clip.evaluate_zero_shot(classifier, dataset, collator, batch_size=batch_size, desc="bench zero-shot").predictions
+    """Exercise 3's evaluation: the zero-shot head built once per evaluation, then clip.evaluate_zero_shot."""
+    classifier = clip.build_zero_shot_classifier(model, tokenizer, class_names, templates)
+    return clip.evaluate_zero_shot(model, classifier, class_names, dataset, collator, batch_size=batch_size,
+                                   desc="bench zero-shot").predictions
 
 
 def random_vit_b_16():
@@ -102,7 +103,7 @@ def main() -> None:
     speedup = common.median(r["theirs_s"] / r["ours_s"] for r in rounds)
     ours_s = common.median(r["ours_s"] for r in rounds)
     batches = -(-len(decoded) // args.batch_size)
-    _, encode_s = common.timed(clip.ZeroShotClassifier(model, tokenizer, class_names, templates).class_features)
+    _, encode_s = common.timed(lambda: clip.build_zero_shot_classifier(model, tokenizer, class_names, templates))
     common.emit({
         "bench": "zeroshot", "images": len(decoded),
         "model": args.model or {"tiny": "build_tiny_clip.build_tiny_clip()", "vit-b-16": "ViT-B/16 shape, random"}[args.architecture],

@@ -1,6 +1,5 @@
 """clip.py: image data (release layout, ImageFolder, Hub format), laziness, RGB conversion and bad
-files, the collator, both losses against references, the zero-shot classifier and its stale-cache
-guard, LoRA counts for ViT-B/16, adapter save/load and merge, and the DDP feature gather."""
+files, the collator, both losses against references, the zero-shot head built from the text tower as it is, LoRA counts for ViT-B/16, adapter save/load and merge, and the DDP feature gather."""
 from __future__ import annotations
 
 import copy
@@ -28,7 +27,7 @@ from utils import LabError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"], "towers": "both"}
+LORA = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
 
 
 @pytest.fixture(scope="module")
@@ -250,7 +249,7 @@ def make_trainer(model, collator, tmp_path, loss):
 
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, remove_unused_columns=False,
                              label_names=["labels"])
-    return clip.CLIPTrainer(model=model, args=args, data_collator=collator, loss=loss)
+    return clip.CLIPTrainer(model=model, args=args, data_collator=collator, class_names=["cat", "dog"], loss=loss)
 
 
 def synthetic_batch(collator, labels, seed=0):
@@ -330,18 +329,28 @@ def manual_logits(model, tokenizer, names, templates, pixel_values):
         return model.logit_scale.exp() * image @ classes.T
 
 
+def head_logits(model, tokenizer, names, pixels, templates=clip.TEMPLATES["single"], batch_size=256):
+    """Logits through the zero-shot head, built from the model as it is now."""
+    with torch.inference_mode():
+        head = clip.build_zero_shot_classifier(model, tokenizer, names, templates, batch_size)
+        return clip.zero_shot_logits(model, pixels, head)
+
+
 def test_zero_shot_classifier_equals_manual_computation(tiny_imagenet_dir, tiny_clip):
     model, tokenizer, image_processor = tiny_clip
     splits = data.load_image_dataset(str(tiny_imagenet_dir), max_classes=7, max_eval_samples=21)
     names = splits["validation"].features["label"].names
     lazy = splits["validation"].with_transform(clip.ImageTransform(image_processor))
     templates = clip.TEMPLATES["ensemble"][:3]
-    classifier = clip.ZeroShotClassifier(model, tokenizer, names, templates, batch_size=4)  # prompts in 6 batches
     collator = clip.ImageTextCollator(tokenizer, names)
     pixels = collator(batch_of(lazy, range(len(lazy))))["pixel_values"]
     expected = manual_logits(model, tokenizer, names, templates, pixels)
-    assert torch.allclose(classifier.logits(pixels), expected, atol=1e-4)
-    result = clip.evaluate_zero_shot(classifier, lazy, collator, batch_size=8)
+    # prompts in 6 batches of 4
+    assert torch.allclose(head_logits(model, tokenizer, names, pixels, templates, batch_size=4), expected, atol=1e-4)
+    head = clip.build_zero_shot_classifier(model, tokenizer, names, templates)
+    assert head.shape == (7, model.config.projection_dim)
+    assert torch.allclose(head.norm(dim=-1), torch.ones(7), atol=1e-5)
+    result = clip.evaluate_zero_shot(model, head, names, lazy, collator, batch_size=8)
     labels = np.asarray(splits["validation"]["label"])
     predicted = expected.argmax(-1).numpy()
     assert (result.predictions == predicted).all() and (result.labels == labels).all()
@@ -350,18 +359,17 @@ def test_zero_shot_classifier_equals_manual_computation(tiny_imagenet_dir, tiny_
     assert result.metrics["top5_accuracy"] == pytest.approx((top5 == labels[:, None]).any(1).mean())
     assert result.confusion.sum() == 21 and result.rows.tolist() == list(range(21))
     assert result.metrics["mean_per_class_recall"] == pytest.approx(np.nanmean(result.per_class_recall))
-    assert classifier.encodings == 1                    # encoded once, reused for every batch and call
 
 
-def test_stale_class_features_are_never_used(tiny_clip, tmp_path):
+def test_the_zero_shot_head_follows_the_text_tower(tiny_clip, tmp_path):
+    """Built anew for every evaluation, the head always reflects the text tower as it is: after a training
+    step, an edit of the projection, and with the adapters switched off and on."""
     model, tokenizer, _ = tiny_clip
     names = ["cat", "dog", "school bus", "lemon"]
     pixels = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     model = LoRA.apply_lora(model, LORA, task_type=None)
-    classifier = clip.ZeroShotClassifier(model, tokenizer, names)
     core = clip.clip_core(model)
-    before = classifier.logits(pixels)
-    assert torch.equal(classifier.logits(pixels), before) and classifier.encodings == 1
+    before = head_logits(model, tokenizer, names, pixels)
 
     def fresh():
         return manual_logits(core, tokenizer, names, clip.TEMPLATES["single"], pixels)
@@ -372,27 +380,16 @@ def test_stale_class_features_are_never_used(tiny_clip, tmp_path):
     for p in text_params:
         p.grad = torch.randn_like(p)
     optimizer.step()
-    after_step = classifier.logits(pixels)
-    assert classifier.encodings == 2 and not torch.allclose(after_step, before, atol=1e-4)
-    assert torch.allclose(after_step, fresh(), atol=1e-5)
-    # an edit through .data bypasses version counters; the parameter sums still see it
+    after_step = head_logits(model, tokenizer, names, pixels)
+    assert not torch.allclose(after_step, before, atol=1e-4) and torch.allclose(after_step, fresh(), atol=1e-5)
     with torch.no_grad():
         core.text_projection.weight.data.mul_(1.5)
-    assert torch.allclose(classifier.logits(pixels), fresh(), atol=1e-5) and classifier.encodings == 3
-    # swapping two rows in place keeps every sum; the version counters see it
-    with torch.no_grad():
-        weight = core.text_projection.weight
-        weight.copy_(weight[[1, 0, *range(2, len(weight))]].clone())
-    assert torch.allclose(classifier.logits(pixels), fresh(), atol=1e-5) and classifier.encodings == 4
-    # a change to the vision tower only leaves the text features as they are
-    with torch.no_grad():
-        core.vision_model.post_layernorm.weight.add_(0.1)
-    assert torch.allclose(classifier.logits(pixels), fresh(), atol=1e-5) and classifier.encodings == 4
-    # switching the adapters off (and on again) changes the text features without touching a parameter
+    assert torch.allclose(head_logits(model, tokenizer, names, pixels), fresh(), atol=1e-5)
+    # switching the adapters off changes the text features without touching a parameter
     with model.disable_adapter():
-        assert torch.allclose(classifier.logits(pixels), fresh(), atol=1e-5)
-    assert classifier.encodings == 5
-    assert torch.allclose(classifier.logits(pixels), fresh(), atol=1e-5) and classifier.encodings == 6
+        switched_off = head_logits(model, tokenizer, names, pixels)
+        assert torch.allclose(switched_off, fresh(), atol=1e-5)
+    assert not torch.allclose(head_logits(model, tokenizer, names, pixels), switched_off, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,7 +409,8 @@ def test_lora_counts_for_vit_b16_built_on_the_meta_device():
 
 @pytest.mark.parametrize("towers, expected", [("vision", 4 * 2 * 2 * 64 * 2), ("text", 4 * 2 * 2 * 64 * 2)])
 def test_lora_towers_select_encoders(tiny_clip, towers, expected):
-    model = LoRA.apply_lora(tiny_clip[0], {**LORA, "towers": towers}, task_type=None)
+    targets = [f"{towers}_model.q_proj", f"{towers}_model.value"]     # a module name and a role
+    model = LoRA.apply_lora(tiny_clip[0], {**LORA, "target_modules": targets}, task_type=None)
     adapted = {name.split(".")[2] for name, p in model.named_parameters() if "lora_" in name}
     assert adapted == {f"{towers}_model"} and LoRA.count_parameters(model)[0] == expected
 
@@ -456,22 +454,18 @@ def test_adapter_save_load_and_merge_give_identical_logits(tiny_clip_dir, tmp_pa
     assert torch.allclose(clip_logits(merged, tokenizer, pixels), logits, atol=1e-5)
 
 
-def test_adapter_load_and_merge_re_encode_class_features(tiny_clip_dir, tmp_path):
+def test_adapter_load_and_merge_change_the_zero_shot_head(tiny_clip_dir, tmp_path):
     model, tokenizer, _ = clip.load_clip(str(tiny_clip_dir))
     names = ["cat", "dog", "bus"]
     pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
-    classifier = clip.ZeroShotClassifier(model, tokenizer, names)
-    base = classifier.logits(pixels)
+    base = head_logits(model, tokenizer, names, pixels)
     adapted = LoRA.apply_lora(clip.load_clip(str(tiny_clip_dir))[0], LORA, task_type=None)
     randomize_adapters(adapted, seed=1)
     LoRA.save_adapter(adapted, tmp_path / "adapter")
-    # the adapter is loaded into the very model the classifier holds: same object, new text tower
     loaded = LoRA.load_adapter(model, tmp_path / "adapter").eval()
-    classifier.model = loaded
-    with_adapter = classifier.logits(pixels)
-    assert classifier.encodings == 2 and not torch.allclose(with_adapter, base, atol=1e-3)
-    classifier.model = LoRA.merge(loaded)
-    assert torch.allclose(classifier.logits(pixels), with_adapter, atol=1e-5) and classifier.encodings == 3
+    with_adapter = head_logits(loaded, tokenizer, names, pixels)
+    assert not torch.allclose(with_adapter, base, atol=1e-3)
+    assert torch.allclose(head_logits(LoRA.merge(loaded), tokenizer, names, pixels), with_adapter, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

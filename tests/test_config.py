@@ -59,7 +59,7 @@ def test_help_prints_defaults(capsys):
     assert "count=3" in out and "lora.r=8" in out and "one of ['a', 'b']" in out
 
 
-@pytest.mark.parametrize("argument, fragment", [("batch_size=0", "'batch_size' must be > 0"),
+@pytest.mark.parametrize("argument, fragment", [("eval_batch_size=0", "'eval_batch_size' must be > 0"),
                                                 ("pooling=max", "choose from ['cls', 'mean']"),
                                                 ("wandb_mod=offline", "unknown config key 'wandb_mod'")])
 def test_script_exits_2_with_one_line_before_loading_anything(tmp_path, argument, fragment):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import evaluate
+import plots
 
 LABELS = [0, 0, 0, 1, 1, 2]
 PREDICTIONS = [0, 0, 1, 1, 2, 2]
@@ -54,7 +55,7 @@ def test_report_table_and_plot(tmp_path):
     assert "neutral" in report and "0.5000" in report
     table = evaluate.results_table({"svc": {"test": {"accuracy": 0.5, "f1_macro": 0.25}}})
     assert "svc" in table and "0.5000" in table and "0.2500" in table
-    figure = evaluate.plot_confusion_matrix(evaluate.confusion(LABELS, PREDICTIONS, 3), ["a", "b", "c"],
+    figure = plots.plot_confusion_matrix(evaluate.confusion(LABELS, PREDICTIONS, 3), ["a", "b", "c"],
                                             tmp_path / "cm.png")
     assert (tmp_path / "cm.png").stat().st_size > 1000 and figure is not None
 

@@ -18,7 +18,7 @@ def run(tmp_path, *overrides):
 
 def test_smoke_with_both_loggers_and_cache(tmp_path, tiny_distilbert, rt_dir, capsys):
     args = (f"model_name={tiny_distilbert}", f"dataset={rt_dir}", "max_train_samples=200",
-            "max_eval_samples=60", "batch_size=16", "run_name=smoke")
+            "max_eval_samples=60", "eval_batch_size=16", "run_name=smoke")
     run_dir, results = run(tmp_path, *args, "wandb_mode=offline", "tensorboard=true")
     assert results["exercise"] == "exercise_1"
     assert set(results["metrics"]) == {"svc", "logreg"}

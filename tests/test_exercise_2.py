@@ -72,13 +72,12 @@ def test_trainer_metrics_on_hand_computed_example():
         assert metrics["f1_macro"] == pytest.approx((0.8 + 2 / 3) / 2)
 
 
-def test_guard_flags_nan_and_inf_losses_only():
-    guard = training.NonFiniteLossGuard()
-    guard.observe_loss(torch.tensor(0.7), 1)
-    assert guard.bad_loss is None
-    guard.observe_loss(torch.tensor(float("inf")), 2)
-    guard.observe_loss(torch.tensor(float("nan")), 3)
-    assert guard.bad_loss == (2, float("inf"))
+def test_the_loss_policy_flags_nan_and_inf_losses_only():
+    training.check_loss(torch.tensor(0.7), 1)
+    with pytest.raises(training.NonFiniteLossError, match=r"at step 2 \(inf\)"):
+        training.check_loss(torch.tensor(float("inf")), 2)
+    with pytest.raises(training.NonFiniteLossError, match=r"at step 3 \(nan\)"):
+        training.check_loss(torch.tensor(float("nan")), 3)
 
 
 def test_config_errors_name_the_key(tmp_path):
