@@ -61,6 +61,8 @@ POSITIVE = ("max_train_samples", "max_eval_samples", "max_length", "eval_batch_s
 def main(argv: list[str] | None = None):
     # 1. config: defaults above, overridden by key=value arguments
     config = utils.parse_config(CONFIG, argv or [], CHOICES, POSITIVE, "exercise_1.py")
+    utils.check_run_name(config["run_name"])
+    utils.check_output_dir(config["output_dir"])  # before any data or model is loaded
     utils.set_seed(config["seed"])
     timing = {}
     start = time.perf_counter()

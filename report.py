@@ -27,6 +27,7 @@ APPROACHES = {
     ("exercise_2", "fine_tuned"): ("full fine-tuning", "pretrained"),
     ("exercise_3", "zero_shot"): ("CLIP zero-shot", None),
     ("exercise_3", "lora"): ("CLIP + LoRA", "zero_shot"),
+    ("exercise_3", "fine_tuned"): ("CLIP, every weight fine-tuned", "zero_shot"),
 }
 # Stages whose scores come from a model in which no transformer weight was trained.
 FROZEN_STAGES = ("svc", "logreg", "pretrained", "zero_shot")

@@ -147,6 +147,8 @@ POSITIVE = ("max_train_samples", "max_eval_samples", "learning_rate", "num_train
 def check_config(config: dict, device: str) -> None:
     """The checks of the shared Trainer keys that parse_config's `positive` cannot express."""
     trainer_precision(config["mixed_precision"], device)
+    utils.check_run_name(config["run_name"])
+    utils.check_output_dir(config["output_dir"])  # before any data or model is loaded
     for key in ("weight_decay", "warmup", "max_grad_norm"):
         if config[key] < 0:
             raise LabError(f"{key!r} must be >= 0, got {config[key]!r}")

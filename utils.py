@@ -219,35 +219,72 @@ def shared_dir() -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
-def prepare_run_dir(output_dir: str, run_name: str | None, exercise: str,
-                    overwrite: bool = False, resume: bool = False) -> Path:
-    """Create `<output_dir>/<run_name>` and check it is writable.
+# Folders the project keeps inside output_dir itself (exercise 1's feature cache), never a run's name.
+RESERVED_NAMES = ("cache",)
 
-    A finished or non-empty run folder is never silently mixed with a new run: with `resume` it
-    is reused, with `overwrite` it is emptied, otherwise the new run gets a `-2`, `-3`... suffix.
+
+def check_output_dir(output_dir: str) -> Path:
+    """`output_dir` if a run can be written there, else one line saying why: checked before any data or model
+    is loaded, so a typo costs seconds. Nothing is created here."""
+    base = Path(output_dir).expanduser()
+    existing = base
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    problem = ("is not a folder" if not existing.is_dir() else
+               "is not writable" if not os.access(existing, os.W_OK | os.X_OK) else None)
+    if problem:
+        raise LabError(f"cannot write to output folder {base}: {existing} {problem}; set output_dir=<a writable folder>")
+    return base
+
+
+def check_run_name(run_name) -> str | None:
+    """`run_name` as one plain folder name inside output_dir (None: a name is made when the run starts)."""
+    if run_name is None:
+        return None
+    name = str(run_name)
+    if name in ("", ".", "..") or any(separator in name for separator in ("/", "\\", os.sep)) or name in RESERVED_NAMES:
+        raise LabError(f"run_name {name!r} must be one plain folder name inside output_dir: no '/', '\\' or '..', "
+                       f"and not {', '.join(RESERVED_NAMES)} (the project keeps its own files there)")
+    return name
+
+
+def prepare_run_dir(output_dir: str, run_name: str | None, exercise: str,
+                    overwrite: bool = False, resume: bool | None = None) -> Path:
+    """Reserve `<output_dir>/<run_name>` for this run and return it.
+
+    The folder is created exclusively, so two runs never share one, even when started together with the
+    same `run_name` or the same default `<exercise>-<time>`: the later one gets a `-2`, `-3`... suffix.
+    With `resume` the named folder is continued, with `overwrite` it is emptied first. `resume=None`: the
+    exercise cannot resume, and messages do not suggest it.
     """
-    name = str(run_name) if run_name is not None else f"{exercise}-{time.strftime('%Y%m%d-%H%M%S')}"
-    base = Path(output_dir)
-    run_dir = base / name
-    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
-        if overwrite:
-            shutil.rmtree(run_dir)
-        else:
-            suffix = 2
-            while (base / f"{name}-{suffix}").exists():
-                suffix += 1
-            print(f"run folder {run_dir} is not empty; writing this run to {name}-{suffix} "
-                  f"(overwrite=True replaces it, resume=True continues it)")
-            run_dir = base / f"{name}-{suffix}"
+    base = check_output_dir(output_dir)
+    name = check_run_name(run_name) or f"{exercise}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
+        base.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise LabError(f"cannot write to output folder {run_dir}: {error.strerror or error}; "
-                       f"set output_dir=<a writable folder>")
-    return run_dir
+        raise LabError(f"cannot write to output folder {base}: {error.strerror or error}; "
+                       f"set output_dir=<a writable folder>") from None
+    run_dir = base / name
+    if resume or overwrite:
+        if overwrite and not resume and run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(exist_ok=True)
+        return run_dir
+    suffix = 1
+    while True:
+        candidate = base / (name if suffix == 1 else f"{name}-{suffix}")
+        try:
+            candidate.mkdir()             # atomic: exactly one process creates it
+        except FileExistsError:
+            suffix += 1
+            continue
+        except OSError as error:
+            raise LabError(f"cannot write to output folder {candidate}: {error.strerror or error}; "
+                           f"set output_dir=<a writable folder>") from None
+        if suffix > 1 and run_name is not None:
+            hint = "overwrite=True replaces it" + (", resume=True continues it" if resume is not None else "")
+            print(f"run folder {run_dir} is taken; writing this run to {candidate.name} ({hint})")
+        return candidate
 
 
 # ---------------------------------------------------------------------------------------------

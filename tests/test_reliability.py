@@ -2,6 +2,8 @@
 import os
 import re
 import stat
+import subprocess
+import sys
 
 import pytest
 
@@ -85,3 +87,34 @@ def test_no_unsafe_deserialisation_in_the_code():
             assert "weights_only=True" in call, f"{path.name}: {call}"
         assert not re.search(r"^\s*import pickle|pickle\.load", source, re.M), path.name
         assert "trust_remote_code=True" not in source, path.name
+
+
+def reserve(output_dir: str, run_name) -> str:
+    return utils.prepare_run_dir(output_dir, run_name, "exercise_1").name
+
+
+@pytest.mark.parametrize("run_name", ["same", None])
+def test_runs_started_together_get_folders_of_their_own(tmp_path, run_name):
+    """Eight processes reserve a run folder at once, with one run_name or the default <exercise>-<time>
+    (all in the same second): every one gets its own folder."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(8) as pool:
+        names = pool.starmap(reserve, [(str(tmp_path), run_name)] * 8)
+    assert len(set(names)) == 8 and sorted(path.name for path in tmp_path.iterdir()) == sorted(names)
+
+
+@pytest.mark.parametrize("bad", ["../outside", "a/b", "..", ".", "cache"])
+def test_run_name_is_one_plain_folder_inside_output_dir(tmp_path, bad):
+    with pytest.raises(utils.LabError, match="one plain folder name"):
+        utils.prepare_run_dir(str(tmp_path / "runs"), bad, "exercise_1")
+    assert not (tmp_path / "outside").exists() and not (tmp_path / "runs" / "a").exists()
+
+
+def test_an_unusable_output_dir_is_refused_before_data_or_model(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    result = subprocess.run([sys.executable, "exercise_2.py", f"output_dir={blocker}/runs", "dataset=/no/such/data"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: cannot write to output folder") and "dataset" not in result.stderr
