@@ -24,43 +24,44 @@ import utils
 
 CONFIG = {
     # what to run on: a Hub id or a local folder for each
-    "model_name": "distilbert-base-uncased",
-    "dataset": "cornell-movie-review-data/rotten_tomatoes",
-    "text_column": "text",
-    "label_column": "label",
+    "model_name": "distilbert-base-uncased",  # Hub id or local folder of the pretrained model
+    "dataset": "cornell-movie-review-data/rotten_tomatoes",  # Hub id or local folder (see the README's Data section)
+    "text_column": "text",           # column holding the text in table files
+    "label_column": "label",         # column holding the label (ints or strings) in table files
     "max_train_samples": None,       # None = all; subsamples are stratified and seeded
-    "max_eval_samples": None,
+    "max_eval_samples": None,        # None = all; validation and test subsamples, stratified and seeded
     # feature extraction
     "pooling": "cls",                # "cls" (first token, as the course asks) or "mean" (mask-aware)
-    "max_length": 128,
+    "max_length": 128,               # tokens per text; longer texts are truncated (capped at the model's limit)
     "eval_batch_size": 64,           # texts per forward pass (on CPU also at most 1024 tokens)
     "cache_features": True,          # reuse features from <output_dir>/cache when nothing changed
     # classifiers
     "standardize": True,             # z-score features before each classifier
-    "svc_kernel": "rbf",
-    "svc_C": 1.0,
-    "logreg_C": 1.0,
-    "logreg_max_iter": 2000,
+    "svc_kernel": "rbf",             # SVC kernel
+    "svc_C": 1.0,                    # SVC regularisation (larger = less)
+    "logreg_C": 1.0,                 # logistic regression regularisation (larger = less)
+    "logreg_max_iter": 2000,         # logistic regression solver iterations
     "tune_C": False,                 # pick each classifier's C from C_grid on the validation split
-    "C_grid": [0.01, 0.1, 1.0, 10.0],
+    "C_grid": [0.01, 0.1, 1.0, 10.0],  # C values tried with tune_C=True
     # run bookkeeping and logging
-    "output_dir": "runs",
+    "output_dir": "runs",            # where run folders go
     "run_name": None,                # None = exercise_1-<time>
     "overwrite": False,              # replace an existing run folder of the same name
-    "seed": 42,
+    "seed": 42,                      # seeds Python, NumPy, torch, splits and subsampling
     "wandb_mode": "offline",         # "offline" | "online" | "disabled"
-    "wandb_project": "transformer-labs",
-    "tensorboard": True,
-    "trust_remote_code": False,
+    "wandb_project": "transformer-labs",  # W&B project the run is logged to
+    "tensorboard": True,             # TensorBoard event files in <run>/tensorboard
+    "trust_remote_code": False,      # run code shipped with a Hub model; only for models you trust
 }
-CHOICES = {"pooling": ("cls", "mean"), "svc_kernel": ("linear", "poly", "rbf", "sigmoid"), "wandb_mode": utils.WANDB_MODES}
+CHOICES = {"pooling": ("cls", "mean"), "svc_kernel": ("linear", "poly", "rbf", "sigmoid"),
+           "wandb_mode": utils.WANDB_MODES}
 POSITIVE = ("max_train_samples", "max_eval_samples", "max_length", "eval_batch_size", "svc_C", "logreg_C",
             "logreg_max_iter", "C_grid")
 
 
 def main(argv: list[str] | None = None):
     # 1. config: defaults above, overridden by key=value arguments
-    config = utils.parse_config(CONFIG, argv or [], CHOICES, POSITIVE, "exercise_1.py")
+    config = utils.parse_config(CONFIG, argv or [], CHOICES, POSITIVE, __file__)
     utils.check_run_name(config["run_name"])
     utils.check_output_dir(config["output_dir"])  # before any data or model is loaded
     utils.set_seed(config["seed"])

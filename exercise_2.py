@@ -32,55 +32,55 @@ import utils
 
 CONFIG = {
     # what to run on: a Hub id or a local folder for each
-    "model_name": "distilbert-base-uncased",
-    "dataset": "cornell-movie-review-data/rotten_tomatoes",
-    "text_column": "text",
-    "label_column": "label",
+    "model_name": "distilbert-base-uncased",  # Hub id or local folder of the pretrained model
+    "dataset": "cornell-movie-review-data/rotten_tomatoes",  # Hub id or local folder (see the README's Data section)
+    "text_column": "text",           # column holding the text in table files
+    "label_column": "label",         # column holding the label (ints or strings) in table files
     "max_train_samples": None,       # None = all; subsamples are stratified and seeded
-    "max_eval_samples": None,
+    "max_eval_samples": None,        # None = all; validation and test subsamples, stratified and seeded
     "max_length": 128,               # tokens; longer texts are truncated, each batch padded to its longest
     # optimisation; batch sizes are per process: the global batch is
     # batch_size x processes x gradient_accumulation_steps
-    "learning_rate": 3e-5,
-    "num_train_epochs": 2.0,
+    "learning_rate": 3e-5,           # AdamW peak learning rate for full fine-tuning
+    "num_train_epochs": 2.0,         # passes over the training split
     "max_steps": None,               # None = num_train_epochs decides; else this many optimizer steps
-    "batch_size": 16,
-    "eval_batch_size": 64,
-    "gradient_accumulation_steps": 1,
-    "weight_decay": 0.01,
+    "batch_size": 16,                # training examples per step and process (global: x processes x accumulation)
+    "eval_batch_size": 64,           # examples per forward pass when evaluating
+    "gradient_accumulation_steps": 1,  # steps whose gradients are summed before one optimizer update
+    "weight_decay": 0.01,            # AdamW weight decay
     "warmup": 0.1,                   # < 1: fraction of all steps; >= 1: number of steps
-    "lr_scheduler_type": "linear",
-    "max_grad_norm": 1.0,
+    "lr_scheduler_type": "linear",   # learning-rate schedule after warmup
+    "max_grad_norm": 1.0,            # gradients are clipped to this global norm
     "group_by_length": True,         # batches of similar length: less padding; order still random per epoch
     "mixed_precision": "auto",       # auto: bf16 (or fp16) on CUDA, fp32 on CPU
     # evaluation and checkpoints
     "eval_strategy": "epoch",        # "epoch" | "steps" (every eval_steps); a checkpoint at every evaluation
-    "eval_steps": 200,
-    "logging_steps": 50,
+    "eval_steps": 200,               # with eval_strategy=steps: evaluate every this many steps
+    "logging_steps": 50,             # log the training loss every this many steps
     "metric_for_best_model": "loss", # validation metric that picks the checkpoint to test
     "save_total_limit": 2,           # checkpoints kept; the best one always is
     "evaluate_pretrained": True,     # score the untrained model as the `pretrained` stage
     "resume": False,                 # continue run_name from its newest checkpoint
     # LoRA: train low-rank adapters on the attention projections plus the classification head
     "lora": {
-        "enabled": False,
-        "r": 8,
-        "alpha": 16,
-        "dropout": 0.1,
+        "enabled": False,            # train LoRA adapters (True) or every weight (False)
+        "r": 8,                      # rank of each adapter
+        "alpha": 16,                 # adapter scale alpha/r
+        "dropout": 0.1,              # dropout on the adapter input, in [0, 1)
         "target_modules": ["query", "value"],  # roles query/key/value/output, or the model's module names
         "use_rslora": False,         # rank-stabilised scale alpha/sqrt(r) instead of alpha/r
         "modules_to_save": [],       # whole modules trained too (the classification head always is)
         "learning_rate": 5e-4,       # replaces learning_rate: adapters start at zero and need larger steps
     },
     # run bookkeeping and logging (report_to follows tensorboard and wandb_mode)
-    "output_dir": "runs",
+    "output_dir": "runs",            # where run folders go
     "run_name": None,                # None = exercise_2-<time>; needed with resume=True
     "overwrite": False,              # replace an existing run folder of the same name
-    "seed": 42,
+    "seed": 42,                      # seeds Python, NumPy, torch, splits and subsampling
     "wandb_mode": "offline",         # "offline" | "online" | "disabled"
-    "wandb_project": "transformer-labs",
-    "tensorboard": True,
-    "trust_remote_code": False,
+    "wandb_project": "transformer-labs",  # W&B project the run is logged to
+    "tensorboard": True,             # TensorBoard event files in <run>/tensorboard
+    "trust_remote_code": False,      # run code shipped with a Hub model; only for models you trust
 }
 METRICS = ("loss", "accuracy", "precision_macro", "recall_macro", "f1_macro",
            "precision_weighted", "recall_weighted", "f1_weighted")
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None, callbacks=()):
     from accelerate import PartialState
 
     # 1. config; torchrun has already started the processes, PartialState joins them up
-    config = utils.parse_config(CONFIG, argv or [], CHOICES, POSITIVE, "exercise_2.py")
+    config = utils.parse_config(CONFIG, argv or [], CHOICES, POSITIVE, __file__)
     device = utils.best_device()
     training.check_config(config, device)
     distributed = PartialState(cpu=device == "cpu")

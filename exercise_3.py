@@ -33,43 +33,43 @@ import utils
 
 CONFIG = {
     # what to run on: a Hub id or a local folder for each
-    "model_name": "openai/clip-vit-base-patch16",
+    "model_name": "openai/clip-vit-base-patch16",  # Hub id or local folder of a CLIP model
     "dataset": "zh-plus/tiny-imagenet",  # or the release folder (wnids.txt, train/, val/), or an ImageFolder
     "class_names": "first",          # "first" WordNet synonym, "all" synonyms, or a JSON file {id: name}
     "max_classes": None,             # None = all; else the first N classes
     "max_train_samples": None,       # None = all; subsamples are stratified and seeded
-    "max_eval_samples": None,
+    "max_eval_samples": None,        # None = all; validation and test subsamples, stratified and seeded
     "bad_images": "skip",            # unreadable images: "skip" (warn, count in results.json) or "fail"
     # zero-shot classification
     "prompts": "single",             # "single" ("a photo of a {}.") or "ensemble" (features averaged)
-    "eval_batch_size": 128,
+    "eval_batch_size": 128,          # images per forward pass when evaluating
     # fine-tuning
     "loss": "clip",                  # "clip": in-batch symmetric contrastive (the reference); "class": vs all classes
-    "train_template": "a photo of a {}.",
+    "train_template": "a photo of a {}.",  # prompt paired with each training image; {} is its class name
     "augment": True,                 # random flips and crops of training images (reproducible per epoch)
     "learning_rate": 1e-5,           # full fine-tuning (lora.enabled=False); LoRA uses lora.learning_rate
-    "num_train_epochs": 1.0,
+    "num_train_epochs": 1.0,         # passes over the training split
     "max_steps": None,               # None = num_train_epochs decides; else this many optimizer steps
-    "batch_size": 64,
-    "gradient_accumulation_steps": 1,
-    "weight_decay": 0.0,
+    "batch_size": 64,                # training examples per step and process (global: x processes x accumulation)
+    "gradient_accumulation_steps": 1,  # steps whose gradients are summed before one optimizer update
+    "weight_decay": 0.0,             # AdamW weight decay
     "warmup": 0.1,                   # < 1: fraction of all steps; >= 1: number of steps
-    "lr_scheduler_type": "cosine",
-    "max_grad_norm": 1.0,
+    "lr_scheduler_type": "cosine",   # learning-rate schedule after warmup
+    "max_grad_norm": 1.0,            # gradients are clipped to this global norm
     "mixed_precision": "auto",       # auto: bf16 on CUDA, fp32 on CPU
     "eval_strategy": "no",           # zero-shot validation during training: "no" | "epoch" | "steps"
-    "eval_steps": 200,
-    "logging_steps": 20,
+    "eval_steps": 200,               # with eval_strategy=steps: evaluate every this many steps
+    "logging_steps": 20,             # log the training loss every this many steps
     "save_steps": 200,               # checkpoints (adapters + optimizer) for resume
-    "save_total_limit": 2,
-    "dataloader_num_workers": 0,
+    "save_total_limit": 2,           # checkpoints kept
+    "dataloader_num_workers": 0,     # processes decoding images while the model works (0 = none)
     "resume": False,                 # continue run_name from its newest checkpoint
     # LoRA: low-rank adapters on the attention projections of both towers; False trains every weight
     "lora": {
-        "enabled": True,
-        "r": 8,
-        "alpha": 16,
-        "dropout": 0.1,
+        "enabled": True,             # train LoRA adapters (True) or every weight (False)
+        "r": 8,                      # rank of each adapter
+        "alpha": 16,                 # adapter scale alpha/r
+        "dropout": 0.1,              # dropout on the adapter input, in [0, 1)
         "target_modules": ["q_proj", "v_proj"],  # roles or module names; text_model.q_proj: one tower only
         "use_rslora": False,         # rank-stabilised scale alpha/sqrt(r) instead of alpha/r
         "modules_to_save": [],       # whole modules trained too, e.g. visual_projection,text_projection
@@ -77,14 +77,14 @@ CONFIG = {
     },
     "num_sample_images": 16,         # in the grid of sample predictions
     # run bookkeeping and logging
-    "output_dir": "runs",
+    "output_dir": "runs",            # where run folders go
     "run_name": None,                # None = exercise_3-<time>; needed with resume=True
     "overwrite": False,              # replace an existing run folder of the same name
-    "seed": 42,
+    "seed": 42,                      # seeds Python, NumPy, torch, splits and subsampling
     "wandb_mode": "offline",         # "offline" | "online" | "disabled"
-    "wandb_project": "transformer-labs",
-    "tensorboard": True,
-    "trust_remote_code": False,
+    "wandb_project": "transformer-labs",  # W&B project the run is logged to
+    "tensorboard": True,             # TensorBoard event files in <run>/tensorboard
+    "trust_remote_code": False,      # run code shipped with a Hub model; only for models you trust
 }
 CHOICES = {**training.CHOICES, "bad_images": ("skip", "fail"), "prompts": tuple(clip.TEMPLATES),
            "loss": ("clip", "class"), "eval_strategy": ("no", "epoch", "steps")}
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None, callbacks=()):
     from accelerate import PartialState
 
     # 1. config; under torchrun every process runs all of this, only the main one writes results
-    config = utils.parse_config(CONFIG, argv or [], CHOICES, POSITIVE, "exercise_3.py")
+    config = utils.parse_config(CONFIG, argv or [], CHOICES, POSITIVE, __file__)
     device = utils.best_device()
     check_config(config, device)
     utils.set_seed(config["seed"])

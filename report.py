@@ -31,8 +31,8 @@ APPROACHES = {
 }
 # Stages whose scores come from a model in which no transformer weight was trained.
 FROZEN_STAGES = ("svc", "logreg", "pretrained", "zero_shot")
-# The stage a sweep point is judged by (otherwise its last stage).
-FINAL_STAGE = {"exercise_1": "svc", "exercise_2": "fine_tuned", "exercise_3": "lora"}
+# The stages a run is judged by, the best on validation counting (otherwise its last stage).
+JUDGED_STAGES = {"exercise_1": ("svc", "logreg"), "exercise_2": ("fine_tuned",), "exercise_3": ("lora", "fine_tuned")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -60,6 +60,19 @@ def load_sweeps(folder: Path) -> list[dict]:
         sweep = json.loads(path.read_text())
         sweeps.append({**sweep, "name": path.parent.name, "folder": path.parent})
     return sweeps
+
+
+def validation_accuracy(results: dict, stage: str) -> float | None:
+    return (((results.get("metrics") or {}).get(stage) or {}).get("validation") or {}).get("accuracy")
+
+
+def final_stage(results: dict) -> str | None:
+    """The stage a run is judged by: of its trained stages (exercise 1: both classifiers) the one best on
+    validation, so a sweep of exercise 1 ranks a point by LogReg when LogReg beat the SVC."""
+    metrics = results.get("metrics") or {}
+    stages = [stage for stage in JUDGED_STAGES.get(results.get("exercise"), ()) if stage in metrics]
+    stages = stages or list(metrics)[-1:]
+    return max(stages, key=lambda stage: validation_accuracy(results, stage) or -1.0, default=None)
 
 
 def short_name(value) -> str:
@@ -221,8 +234,7 @@ def ablation_rows(sweep: dict, runs_by_path: dict) -> list[dict]:
         results = runs_by_path.get(str(sweep["folder"] / point["name"] / RESULTS_FILE))  # inside the sweep folder
         if results:
             metrics = results.get("metrics") or {}
-            stage = FINAL_STAGE.get(results.get("exercise"))
-            stage = stage if stage in metrics else next(reversed(metrics), None)
+            stage = final_stage(results)
             splits = metrics.get(stage) or {}
             row.update(stage=stage, validation=(splits.get("validation") or {}).get("accuracy"),
                        test=(splits.get("test") or {}).get("accuracy"),
@@ -236,7 +248,7 @@ def ablation_table(sweep: dict, rows: list[dict]) -> str:
     axes = list(sweep["axes"])
     scored = [row for row in rows if row["validation"] is not None]
     best = max(scored, key=lambda row: row["validation"])["name"] if scored else None
-    headers = [*axes, "status", "validation accuracy", "test accuracy", "macro F1", "time (s)"]
+    headers = [*axes, "status", "validation accuracy", "test accuracy", "macro F1", "time (s)", "judged stage"]
     body = []
     for row in rows:
         status = row["status"] if row["status"] == "ok" else f"failed: {fmt(row['error'])[:120]}"
@@ -244,7 +256,7 @@ def ablation_table(sweep: dict, rows: list[dict]) -> str:
         scores = [fmt(row["validation"]), fmt(row["test"]), fmt(row["f1_macro"]), fmt(row["seconds"], "seconds")]
         if row["name"] == best:
             scores[0] = f"**{scores[0]}**"
-        body.append([*cells, status, *scores])
+        body.append([*cells, status, *scores, fmt(row.get("stage"))])
     return markdown_table(headers, body)
 
 

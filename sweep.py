@@ -8,10 +8,14 @@
 A value with commas is a grid axis; a single value goes to every run unchanged. For list-valued keys
 (`C_grid`, `lora.target_modules`) a plain comma list is one value and bracketed lists are the axis:
 `lora.target_modules=[query],[query,value]`. The runs go to `<output_dir>/<run_name>/`, named
-`<run_name>-<key>=<value>-...`; one failed point (bad value, crash, out of memory) does not stop the
-others. `sweep.json` in the sweep folder lists every point with its status, command and log (the report
-reads it), `logs/` holds each run's output, and `wandb_sweep.yaml` is the same grid as a W&B sweep
-config (`wandb sweep wandb_sweep.yaml`, then `wandb agent <id>`).
+`<run_name>-<key>=<value>-...`. Every point's keys and values are checked as the script checks them before
+the first run starts; a point that fails while running (a crash, out of memory) does not stop the others.
+Each point prints its validation accuracy as it finishes (of the stage it is judged by: exercise 1's better
+classifier, the trained stage of exercises 2 and 3), and the sweep ends with the points ranked.
+`sweep.json` in the sweep folder lists every point with its status, score, command and log (the report
+reads it), `logs/` holds each run's output, and `wandb_sweep.yaml` is the same grid as a W&B sweep config
+(`wandb sweep wandb_sweep.yaml`, then `wandb agent <id>`) maximising a metric the script logs
+(`svc/validation/accuracy`, `fine_tuned/validation/accuracy`, `lora/validation/accuracy`; `--metric=` to change).
 """
 from __future__ import annotations
 
@@ -24,11 +28,15 @@ import sys
 import time
 from pathlib import Path
 
+import report
 import utils
 from evaluate import RESULTS_FILE
 
 SWEEP_FILE = "sweep.json"
 RESERVED_KEYS = ("output_dir", "run_name")  # the sweep sets these for every point
+# What each exercise logs (to TensorBoard and W&B) that a W&B sweep can maximise: its lesson's stage on validation.
+WANDB_METRICS = {"exercise_1": "svc/validation/accuracy", "exercise_2": "fine_tuned/validation/accuracy",
+                 "exercise_3": "lora/validation/accuracy"}
 
 
 def split_values(text: str) -> list[str]:
@@ -79,6 +87,49 @@ def parse_grid(arguments: list[str], defaults: dict) -> tuple[dict, dict]:
         else:
             fixed[key] = values[0] if values else text
     return axes, fixed
+
+
+def check_points(script: str, fixed: dict, points: list[dict], names: list[str]) -> None:
+    """Every point's keys and values checked as the script itself will check them, before the first run starts.
+
+    An exercise (a script with a main() behind `if __name__ == "__main__"`) is imported and its own
+    parse_config runs on each point; any other script is checked against its CONFIG literal's types."""
+    module = _importable(script)
+    for point, name in zip(points, names):
+        arguments = [f"{key}={value}" for key, value in {**fixed, **point}.items()]
+        try:
+            if module is not None:
+                utils.parse_config(module.CONFIG, arguments, getattr(module, "CHOICES", None),
+                                   getattr(module, "POSITIVE", ()), script)
+            else:
+                utils.parse_config(_unflatten(script_defaults(script)), arguments, script=script)
+        except utils.LabError as error:
+            raise utils.LabError(f"sweep point {name}: {error}; nothing was run") from None
+
+
+def _importable(script: str):
+    """The script as a module when importing it runs nothing (its work sits behind a __main__ guard), else None."""
+    import importlib.util
+
+    tree = ast.parse(Path(script).read_text())
+    guarded = any(isinstance(node, ast.If) and "__name__" in ast.dump(node.test) for node in tree.body)
+    if not guarded or not any(isinstance(node, ast.Assign) and "CONFIG" in ast.dump(node) for node in tree.body):
+        return None
+    spec = importlib.util.spec_from_file_location(f"sweep_target_{Path(script).stem}", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _unflatten(flat: dict) -> dict:
+    nested = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        section = nested
+        for parent in parents:
+            section = section.setdefault(parent, {})
+        section[leaf] = value
+    return nested
 
 
 def expand_grid(axes: dict) -> list[dict]:
@@ -139,7 +190,7 @@ def failure_reason(log: Path) -> str:
     return lines[-1] if lines else "no output"
 
 
-def run_sweep(script: str, arguments: list[str], dry_run: bool = False, metric: str = "eval/accuracy",
+def run_sweep(script: str, arguments: list[str], dry_run: bool = False, metric: str | None = None,
               python: str = sys.executable) -> dict:
     """Run every grid point of `script` as a subprocess; return (and write) the sweep summary."""
     if not Path(script).is_file():
@@ -152,6 +203,8 @@ def run_sweep(script: str, arguments: list[str], dry_run: bool = False, metric: 
     points = expand_grid(axes)
     output_dir = fixed.pop("output_dir", defaults.get("output_dir", "runs"))
     base = fixed.pop("run_name", None) or f"{Path(script).stem}-sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+    check_points(script, fixed, points, point_names(base, points))
+    metric = metric or WANDB_METRICS.get(Path(script).stem, "eval/accuracy")
     if dry_run:
         sweep_dir = Path(output_dir) / base
     else:
@@ -169,7 +222,9 @@ def run_sweep(script: str, arguments: list[str], dry_run: bool = False, metric: 
         record = run_point(command, sweep_dir, name)
         summary["points"].append({"name": name, "overrides": point, **record})
         (sweep_dir / SWEEP_FILE).write_text(json.dumps(summary, indent=2))  # after each point: a crash keeps the rest
-        outcome = "ok" if record["status"] == "ok" else f"FAILED (exit {record['returncode']}): {record['error']}"
+        outcome = (f"{record['stage']} validation accuracy {record['validation_accuracy']:.4f}"
+                   if record["status"] == "ok" and record["validation_accuracy"] is not None else
+                   "ok" if record["status"] == "ok" else f"FAILED (exit {record['returncode']}): {record['error']}")
         print(f"[{index}/{len(points)}] {name}: {outcome} ({record['seconds']:.0f} s)", flush=True)
     if not dry_run:
         print(summary_text(summary))
@@ -186,17 +241,30 @@ def run_point(command: list[str], sweep_dir: Path, name: str) -> dict:
         returncode = subprocess.call(command, stdout=handle, stderr=subprocess.STDOUT)
     results = sweep_dir / name / RESULTS_FILE
     status = "ok" if returncode == 0 and results.exists() else "failed"
-    error = None
+    error, stage, accuracy = None, None, None
     if status == "failed":
         error = failure_reason(log) if returncode != 0 else "exited 0 but wrote no results.json"
+    else:
+        scores = json.loads(results.read_text())
+        stage = report.final_stage(scores)
+        accuracy = report.validation_accuracy(scores, stage) if stage else None
     return {"status": status, "returncode": returncode, "seconds": round(time.perf_counter() - start, 1),
-            "run_dir": str(sweep_dir / name), "log": str(log), "command": command, "error": error}
+            "run_dir": str(sweep_dir / name), "log": str(log), "command": command, "error": error,
+            "stage": stage, "validation_accuracy": accuracy}
 
 
 def summary_text(summary: dict) -> str:
+    """The points ranked by validation accuracy (failures last), then what failed and why."""
     failed = [point for point in summary["points"] if point["status"] != "ok"]
-    lines = [f"sweep {summary['sweep_dir']}: {len(summary['points']) - len(failed)} of "
-             f"{len(summary['points'])} runs ok, {len(failed)} failed"]
+    ranked = sorted(summary["points"], key=lambda point: -(point.get("validation_accuracy") or -1.0))
+    width = max((len(point["name"]) for point in ranked), default=4)
+    lines = [f"{'rank':>4}  {'point'.ljust(width)}  validation accuracy  stage"]
+    for rank, point in enumerate(ranked, 1):
+        score = point.get("validation_accuracy")
+        lines.append(f"{rank:>4}  {point['name'].ljust(width)}  "
+                     f"{f'{score:.4f}' if score is not None else point['status']:>19}  {point.get('stage') or '-'}")
+    lines += ["", f"sweep {summary['sweep_dir']}: {len(summary['points']) - len(failed)} of "
+              f"{len(summary['points'])} runs ok, {len(failed)} failed"]
     lines += [f"  failed: {point['name']} (exit {point['returncode']}; log {point['log']}): {point['error']}"
               for point in failed]
     lines.append(f"report: python report.py {summary['sweep_dir']}")
@@ -209,7 +277,10 @@ def main(argv: list[str]) -> int:
     if "--help" in flags or "-h" in argv or not positional:
         print(__doc__)
         return 0
-    metric = next((flag.split("=", 1)[1] for flag in flags if flag.startswith("--metric=")), "eval/accuracy")
+    unknown = [flag for flag in flags if flag not in ("--dry-run", "--help") and not flag.startswith("--metric=")]
+    if unknown:
+        raise utils.LabError(f"unknown flag {unknown[0]!r}; sweep.py takes --dry-run, --metric=<W&B metric> and --help")
+    metric = next((flag.split("=", 1)[1] for flag in flags if flag.startswith("--metric=")), None)
     summary = run_sweep(positional[0], positional[1:], dry_run="--dry-run" in flags, metric=metric)
     return 1 if any(point["status"] != "ok" for point in summary["points"]) else 0
 

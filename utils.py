@@ -85,12 +85,60 @@ def _flatten(config: dict, prefix: str = "") -> dict:
     return flat
 
 
-def format_config(config: dict, choices: dict | None = None) -> str:
-    choices = choices or {}
+def config_comments(script: Path) -> dict:
+    """{flat key: the comment beside it} in a script's CONFIG dict: the one source of each key's description.
+    A comment on a line of its own just before a nested dict describes that section."""
+    import io
+    import tokenize
+
+    tokens = list(tokenize.generate_tokens(io.StringIO(Path(script).read_text(encoding="utf-8")).readline))
+    start = next((i for i, token in enumerate(tokens) if token.string == "CONFIG" and token.start[1] == 0), None)
+    if start is None:
+        return {}
+    start = next(i for i in range(start, len(tokens)) if tokens[i].string == "{")
+    comments, sections, pending, name, key = {}, [], "", None, None
+    depth, brackets = 1, 0          # dict nesting inside CONFIG; list/tuple nesting inside a value
+    for token in tokens[start + 1:]:
+        if token.type == tokenize.OP and token.string in "[(":
+            brackets += 1
+        elif token.type == tokenize.OP and token.string in "])":
+            brackets -= 1
+        elif token.type == tokenize.OP and token.string == "{":
+            depth += 1
+            sections.append(name)
+            if pending:
+                comments[key] = pending
+        elif token.type == tokenize.OP and token.string == "}":
+            depth -= 1
+            sections = sections[:depth - 1]
+            if depth == 0:
+                break
+        elif token.type == tokenize.STRING and brackets == 0:
+            name = token.string.strip("\"'")
+        elif token.type == tokenize.OP and token.string == ":" and brackets == 0:
+            key = ".".join([*sections, name])
+        elif token.type == tokenize.COMMENT:
+            text = token.string.lstrip("#").strip()
+            if token.line.strip().startswith("#"):
+                pending = text
+            elif key is not None:
+                comments.setdefault(key, text)
+    return comments
+
+
+def format_config(config: dict, choices: dict | None = None, comments: dict | None = None) -> str:
+    """Every key with its default, what it does (`comments`) and its allowed values."""
+    choices, comments = choices or {}, comments or {}
+    flat = _flatten(config)
+    width = max((len(f"{key}={value!r}") for key, value in flat.items()), default=0)
     lines = []
-    for key, value in _flatten(config).items():
-        allowed = f"  # one of {list(choices[key])}" if key in choices else ""
-        lines.append(f"  {key}={value!r}{allowed}")
+    for key, value in flat.items():
+        section = key.rpartition(".")[0]
+        if section and section in comments and not any(line.startswith(f"  {section}.") for line in lines):
+            lines.append(f"  # {section}: {comments[section]}")
+        described = " # ".join(part for part in (comments.get(key), f"one of {list(choices[key])}" if key in choices
+                                                  else None) if part)
+        lines.append(f"  {f'{key}={value!r}'.ljust(width)}  # {described}" if described else f"  {key}={value!r}")
     return "\n".join(lines)
 
 
@@ -106,8 +154,10 @@ def parse_config(defaults: dict, argv: list[str], choices: dict | None = None,
     config = json.loads(json.dumps(defaults))
     flat_defaults = _flatten(defaults)
     if any(arg in ("-h", "--help") for arg in argv):
-        print(f"usage: python {script} [key=value ...]\n\nconfig (defaults):\n"
-              f"{format_config(defaults, choices)}")
+        source = Path(script)
+        comments = config_comments(source) if source.is_file() else {}
+        print(f"usage: python {source.name if source.is_file() else script} [key=value ...]\n\n"
+              f"config (defaults):\n{format_config(defaults, choices, comments)}")
         raise SystemExit(0)
     for arg in argv:
         key, sep, text = arg.partition("=")

@@ -86,3 +86,17 @@ def test_mixed_precision_auto_follows_the_gpu_and_stays_off_the_cpu(monkeypatch,
     for setting in ("bf16", "fp16"):
         with pytest.raises(utils.LabError, match="needs a CUDA GPU"):
             training.trainer_precision(setting, "cpu")
+
+
+@pytest.mark.parametrize("script", ["exercise_1.py", "exercise_2.py", "exercise_3.py"])
+def test_help_describes_every_key_from_the_comment_beside_it(script):
+    """--help prints each key with its default and what it does: the comment beside it in CONFIG."""
+    import importlib
+
+    result = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    lines = {line.strip().split("=", 1)[0]: line for line in result.stdout.splitlines() if "=" in line}
+    for key in utils._flatten(importlib.import_module(script.removesuffix(".py")).CONFIG):
+        description = lines[key].split("  # ", 1)[1] if "  # " in lines[key] else ""
+        assert len(description) > 8, f"{script}: {key} has no description"
+    assert "# lora:" in result.stdout or script == "exercise_1.py"

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import exercise_1
+import sweep
 import utils
 from conftest import ROOT, write_csv_dataset
 
@@ -32,7 +33,10 @@ def test_smoke_with_both_loggers_and_cache(tmp_path, tiny_distilbert, rt_dir, ca
     assert results["model"]["parameters"] > 0 and results["model"]["hidden_size"] == 32
     assert {"load_data", "load_model", "features", "svc", "logreg", "total"} <= set(results["timing"])
     assert results["config"]["max_train_samples"] == 200
-    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    assert sweep.WANDB_METRICS["exercise_1"] in events.Tags()["scalars"], "a W&B sweep maximises what is logged"
     assert list((run_dir / "wandb").glob("offline-run-*"))
     assert "reused cached" not in capsys.readouterr().out
 

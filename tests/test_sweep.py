@@ -10,9 +10,11 @@ import pytest
 import report
 import sweep
 import utils
+from conftest import ROOT
 
-# A stand-in exercise: fails for learning_rate=bad, else writes a results.json whose accuracy is a
-# known function of the swept values, so the summary and the report can be checked exactly.
+# A stand-in exercise: fails while running for learning_rate=9 (as a diverging run would), else writes a
+# results.json whose accuracy is a known function of the swept values, so the summary and the report can
+# be checked exactly.
 FAKE_SCRIPT = textwrap.dedent('''
     import json, sys
     from pathlib import Path
@@ -20,8 +22,8 @@ FAKE_SCRIPT = textwrap.dedent('''
     CONFIG = {"learning_rate": 1e-5, "batch_size": 16, "output_dir": "runs", "run_name": None,
               "lora": {"target_modules": ["query", "value"]}}
     args = dict(arg.split("=", 1) for arg in sys.argv[1:])
-    if args["learning_rate"] == "bad":
-        print("error: bad value 'bad' for 'learning_rate'", file=sys.stderr)
+    if args["learning_rate"] == "9":
+        print("error: the loss became NaN at step 3", file=sys.stderr)
         raise SystemExit(2)
     run_dir = Path(args["output_dir"]) / args["run_name"]
     run_dir.mkdir(parents=True)
@@ -82,22 +84,28 @@ def test_expand_grid_and_names():
 
 def test_sweep_continues_after_a_failed_point(fake_script, tmp_path, capsys):
     out = tmp_path / "runs"
-    code = sweep.main([fake_script, "learning_rate=1e-4,bad,2e-4", "batch_size=16,32",
+    code = sweep.main([fake_script, "learning_rate=1e-4,9,2e-4", "batch_size=16,32",
                        f"output_dir={out}", "run_name=grid"])
     assert code == 1  # some points failed
     summary = json.loads((out / "grid" / "sweep.json").read_text())
     assert [point["status"] for point in summary["points"]] == ["ok", "ok", "failed", "failed", "ok", "ok"]
-    assert summary["axes"] == {"learning_rate": ["1e-4", "bad", "2e-4"], "batch_size": ["16", "32"]}
+    assert summary["axes"] == {"learning_rate": ["1e-4", "9", "2e-4"], "batch_size": ["16", "32"]}
     failed = summary["points"][2]
-    assert failed["name"] == "grid-learning_rate=bad-batch_size=16" and failed["returncode"] == 2
-    assert failed["error"] == "error: bad value 'bad' for 'learning_rate'"
+    assert failed["name"] == "grid-learning_rate=9-batch_size=16" and failed["returncode"] == 2
+    assert failed["error"] == "error: the loss became NaN at step 3"
     ok = summary["points"][5]
     assert ok["name"] == "grid-learning_rate=2e-4-batch_size=32"
     results = json.loads((out / "grid" / ok["name"] / "results.json").read_text())
     assert results["config"]["learning_rate"] == "2e-4" and results["config"]["batch_size"] == "32"
     assert (out / "grid" / "logs" / f"{failed['name']}.log").exists()
     printed = capsys.readouterr().out
-    assert "4 of 6 runs ok, 2 failed" in printed and "grid-learning_rate=bad-batch_size=32" in printed
+    assert "4 of 6 runs ok, 2 failed" in printed and "grid-learning_rate=9-batch_size=32" in printed
+    best = 0.5 + 2e-4 * 1000 + 32 / 1000
+    # each point's score as it finishes, and the ranking at the end
+    assert f"[6/6] grid-learning_rate=2e-4-batch_size=32: fine_tuned validation accuracy {best:.4f}" in printed
+    ranking = printed[printed.index("rank"):].splitlines()
+    assert ranking[1].split()[:3] == ["1", "grid-learning_rate=2e-4-batch_size=32", f"{best:.4f}"]
+    assert ranking[6].split()[1:3] == ["grid-learning_rate=9-batch_size=32", "failed"]
 
     # the report renders the sweep: every point, the failures, the best point in bold, a plot
     text = report.write_report(out, tensorboard=False).read_text()
@@ -109,6 +117,25 @@ def test_sweep_continues_after_a_failed_point(fake_script, tmp_path, capsys):
     assert f"| 2e-4 | 32 | ok | **{best:.4f}** | {best - 0.01:.4f} |" in section
     assert sum("failed: " in row for row in rows) == 2
     assert (out / "ablation-grid.png").stat().st_size > 0
+
+
+def test_bad_values_are_refused_before_the_first_run(fake_script, tmp_path):
+    out = tmp_path / "runs"
+    with pytest.raises(utils.LabError, match=r"sweep point g-learning_rate=bad: bad value 'bad' for 'learning_rate'"):
+        sweep.run_sweep(fake_script, ["learning_rate=1e-4,bad", f"output_dir={out}", "run_name=g"])
+    with pytest.raises(utils.LabError, match=r"sweep point .*pooling=max: .*choose from \['cls', 'mean'\]"):
+        sweep.run_sweep(str(ROOT / "exercise_1.py"), ["pooling=cls,max", f"output_dir={out}"])
+    with pytest.raises(utils.LabError, match=r"unknown config key 'learning_rat'"):
+        sweep.run_sweep(str(ROOT / "exercise_2.py"), ["learning_rat=1e-5,3e-5", f"output_dir={out}"])
+    assert not out.exists(), "nothing runs and nothing is written"
+
+
+def test_the_wandb_metric_is_one_the_exercise_logs(tmp_path):
+    for script, metric in (("exercise_1.py", "svc/validation/accuracy"),
+                           ("exercise_2.py", "fine_tuned/validation/accuracy"),
+                           ("exercise_3.py", "lora/validation/accuracy")):
+        assert sweep.WANDB_METRICS[script.removesuffix(".py")] == metric
+    # exercise 1 logs it under that name (tests/test_exercise_1.py reads it back from TensorBoard)
 
 
 def test_wandb_sweep_config(fake_script, tmp_path):
@@ -140,6 +167,9 @@ def test_command_line(fake_script, tmp_path):
     done = subprocess.run([sys.executable, "sweep.py", fake_script, "batch_size=16"], capture_output=True, text=True,
                           cwd=str(utils.Path(sweep.__file__).parent))
     assert done.returncode == 2 and "nothing to sweep" in done.stderr
+    done = subprocess.run([sys.executable, "sweep.py", fake_script, "batch_size=16,32", "--dryrun"], capture_output=True,
+                          text=True, cwd=str(utils.Path(sweep.__file__).parent))
+    assert done.returncode == 2 and done.stderr.startswith("error: unknown flag '--dryrun'")
     done = subprocess.run([sys.executable, "sweep.py", fake_script, "learning_rate=1e-4,2e-4", "--dry-run",
                            f"output_dir={tmp_path}"], capture_output=True, text=True,
                           cwd=str(utils.Path(sweep.__file__).parent))
