@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
 from evaluate import RESULTS_FILE
+from utils import LabError, _flatten, run_cli
 
 SWEEP_FILE = "sweep.json"
 REPORT_FILE = "REPORT.md"
@@ -31,6 +33,8 @@ APPROACHES = {
 }
 # Stages whose scores come from a model in which no transformer weight was trained.
 FROZEN_STAGES = ("svc", "logreg", "pretrained", "zero_shot")
+# Config keys that say where and how a run is logged, not what it computes: never a difference worth showing.
+BOOKKEEPING_KEYS = ("output_dir", "run_name", "overwrite", "resume", "wandb_mode", "wandb_project", "tensorboard")
 # The stages a run is judged by, the best on validation counting (otherwise its last stage).
 JUDGED_STAGES = {"exercise_1": ("svc", "logreg"), "exercise_2": ("fine_tuned",), "exercise_3": ("lora", "fine_tuned")}
 
@@ -39,16 +43,51 @@ JUDGED_STAGES = {"exercise_1": ("svc", "logreg"), "exercise_2": ("fine_tuned",),
 # Reading runs
 # ---------------------------------------------------------------------------------------------
 
+def read_json(path: Path, problem) -> dict | None:
+    """A JSON file's contents, or None after a warning naming it when it cannot be read or `problem(contents)`
+    finds something wrong: one broken run never stops the report."""
+    try:
+        contents = json.loads(path.read_text(encoding="utf-8"))
+        reason = problem(contents)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        reason = str(error)
+    if reason:
+        print(f"warning: skipping {path}: {reason}", file=sys.stderr)
+        return None
+    return contents
+
+
+def results_problem(results) -> str | None:
+    """What makes a results.json unusable for the report, or None."""
+    if not isinstance(results, dict) or not isinstance(results.get("metrics"), dict):
+        return "expected an object with a 'metrics' object (stage -> split -> metric -> number)"
+    for key in ("config", "model", "timing"):
+        if not isinstance(results.get(key, {}), dict):
+            return f"expected '{key}' to be an object, found {type(results[key]).__name__}"
+    for stage, splits in results["metrics"].items():
+        for split, values in (splits.items() if isinstance(splits, dict) else [(None, None)]):
+            if not isinstance(values, dict) or not all(
+                    value is None or isinstance(value, (int, float)) and not isinstance(value, bool)
+                    for value in values.values()):
+                return f"metrics of stage {stage!r} split {split!r} are not numbers"
+    return None
+
+
+def sweep_problem(sweep) -> str | None:
+    if not isinstance(sweep, dict) or not isinstance(sweep.get("axes"), dict) or not isinstance(sweep.get("points"), list):
+        return "expected an object with 'axes' and 'points' (as sweep.py writes it)"
+    if not all(isinstance(point, dict) and isinstance(point.get("overrides"), dict) and "name" in point and "status" in point
+               for point in sweep["points"]):
+        return "every point needs 'name', 'status' and 'overrides'"
+    return None
+
+
 def load_runs(folder: Path) -> list[dict]:
-    """Every results.json below `folder`, each with `run` (its folder relative to `folder`)."""
+    """Every readable results.json below `folder`, each with `run` (its folder relative to `folder`)."""
     runs = []
     for path in sorted(Path(folder).rglob(RESULTS_FILE)):
-        try:
-            results = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            print(f"skipping {path}: {error}", file=sys.stderr)
-            continue
-        if isinstance(results, dict) and "metrics" in results:
+        results = read_json(path, results_problem)
+        if results is not None:
             run = path.parent.relative_to(folder).as_posix()
             runs.append({**results, "run": run if run != "." else path.parent.name, "path": str(path)})
     return runs
@@ -57,8 +96,9 @@ def load_runs(folder: Path) -> list[dict]:
 def load_sweeps(folder: Path) -> list[dict]:
     sweeps = []
     for path in sorted(Path(folder).rglob(SWEEP_FILE)):
-        sweep = json.loads(path.read_text())
-        sweeps.append({**sweep, "name": path.parent.name, "folder": path.parent})
+        sweep = read_json(path, sweep_problem)
+        if sweep is not None:
+            sweeps.append({**sweep, "name": path.parent.name, "folder": path.parent})
     return sweeps
 
 
@@ -170,17 +210,30 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def exercise_table(rows: list[dict]) -> str:
+def differing_settings(runs: list[dict]) -> dict[str, str]:
+    """Per run: its values of the config keys that differ between the runs compared ("key=value, ...")."""
+    configs = {run["run"]: _flatten(run.get("config") or {}) for run in runs}
+    keys = set().union(*configs.values()) - set(BOOKKEEPING_KEYS)
+    varying = sorted(key for key in keys
+                     if len({json.dumps(config.get(key), sort_keys=True, default=str) for config in configs.values()}) > 1)
+    return {run: ", ".join(f"{key}={short_name(config.get(key))}" for key in varying) for run, config in configs.items()}
+
+
+def exercise_table(rows: list[dict], settings: dict | None = None) -> str:
+    """One row per run, stage and split; `settings`: each run's differing config values, as a last column."""
     has_top5 = any(row["top5"] is not None for row in rows)
     has_memory = any(row["peak_memory_mb"] is not None for row in rows)
+    has_settings = any((settings or {}).values())
     headers = ["run", "model", "data", "stage", "split", "accuracy", "macro F1", *(["top-5"] if has_top5 else []),
-               "time (s)", "trainable / total params", *(["peak memory (MB)"] if has_memory else [])]
+               "time (s)", "trainable / total params", *(["peak memory (MB)"] if has_memory else []),
+               *(["settings that differ"] if has_settings else [])]
     body = []
     for row in rows:
         body.append([fmt(row["run"]), fmt(row["model"]), fmt(row["data"]), row["stage"], row["split"],
                      fmt(row["accuracy"]), fmt(row["f1_macro"]), *([fmt(row["top5"])] if has_top5 else []),
                      fmt(row["seconds"], "seconds"), f"{fmt(row['trainable'], 'count')} / {fmt(row['total'], 'count')}",
-                     *([fmt(row["peak_memory_mb"], "seconds")] if has_memory else [])])
+                     *([fmt(row["peak_memory_mb"], "seconds")] if has_memory else []),
+                     *([fmt(settings.get(row["run"]) or "-")] if has_settings else [])])
     return markdown_table(headers, body)
 
 
@@ -348,8 +401,9 @@ def build_report(folder: Path) -> tuple[str, list[Path]]:
                 f"stage's own phase (training + evaluation for trained stages); parameters are the transformer's "
                 f"(0 trainable where its weights stayed frozen)."]
     for exercise in sorted({run.get("exercise", "?") for run in runs}):
-        rows = [row for run in runs if run.get("exercise", "?") == exercise for row in stage_rows(run)]
-        sections += ["", f"## {exercise}", "", exercise_table(rows)]
+        exercise_runs = [run for run in runs if run.get("exercise", "?") == exercise]
+        rows = [row for run in exercise_runs for row in stage_rows(run)]
+        sections += ["", f"## {exercise}", "", exercise_table(rows, differing_settings(exercise_runs))]
     comparison = comparison_rows(runs)
     if comparison:
         sections += ["", "## Comparison across exercises", "",
@@ -391,9 +445,12 @@ def log_to_tensorboard(folder: Path, markdown: str) -> Path:
 def write_report(folder, tensorboard: bool = True) -> Path:
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"runs folder {folder} does not exist")
-    markdown, images = build_report(folder)
+        raise LabError(f"runs folder {folder} does not exist" if not folder.exists() else
+                       f"{folder} is a file; give the folder that holds the runs")
     path = folder / REPORT_FILE
+    if path.is_dir() or not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise LabError(f"cannot write the report to {path}: {'a folder is in the way' if path.is_dir() else 'not writable'}")
+    markdown, images = build_report(folder)
     path.write_text(markdown)
     if tensorboard:
         log_to_tensorboard(folder, markdown)
@@ -405,13 +462,14 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
-    try:
-        write_report(argv[0], tensorboard="--no-tensorboard" not in argv)
-    except FileNotFoundError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    flags = [arg for arg in argv[1:] if arg.startswith("-")]
+    unknown = [flag for flag in flags if flag != "--no-tensorboard"]
+    if unknown or len(argv) - len(flags) > 1:
+        raise LabError(f"unexpected argument {(unknown or argv[1:])[0]!r}; usage: python report.py <runs folder> "
+                       f"[--no-tensorboard]")
+    write_report(argv[0], tensorboard="--no-tensorboard" not in flags)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))
+    run_cli(main)

@@ -155,3 +155,41 @@ def test_empty_folder_and_broken_file(tmp_path):
     (tmp_path / "bad" / "results.json").write_text("{not json")
     text = report.write_report(tmp_path, tensorboard=False).read_text()
     assert "0 runs, 0 sweeps" in text and "## Comparison" not in text
+
+
+@pytest.mark.parametrize("contents, reason", [
+    ("{not json", "Expecting property name"), ("[1, 2]", "expected an object with a 'metrics' object"),
+    ('{"metrics": {"svc": {"test": {"accuracy": "high"}}}}', "metrics of stage 'svc' split 'test' are not numbers"),
+    ('{"metrics": {"svc": [0.5]}}', "metrics of stage 'svc'"), ('{"metrics": {}, "config": [1]}', "'config'"),
+    (b"\xff\xfe broken", "codec can't decode")])
+def test_a_broken_run_is_skipped_with_a_warning_and_the_report_still_written(runs, capsys, contents, reason):
+    broken = runs / "broken" / "results.json"
+    broken.parent.mkdir()
+    broken.write_bytes(contents if isinstance(contents, bytes) else contents.encode())
+    (runs / "broken-sweep").mkdir()
+    (runs / "broken-sweep" / "sweep.json").write_text('{"axes": {"lr": [1, 2]}, "points": [{"name": "x"}]}')
+    text = report.write_report(runs, tensorboard=False).read_text()
+    assert "5 runs, 0 sweeps" in text and "| broken |" not in text
+    warnings = capsys.readouterr().err
+    assert f"warning: skipping {broken}: " in warnings and reason in warnings
+    assert "broken-sweep/sweep.json: every point needs" in warnings
+
+
+def test_report_command_errors_are_one_line(runs, tmp_path):
+    for argv, message in (([str(runs), "--no-tensorbord"], "unexpected argument '--no-tensorbord'"),
+                          ([str(runs / "e1" / "results.json")], "is a file"),
+                          ([str(tmp_path / "missing")], "does not exist")):
+        done = subprocess.run([sys.executable, "report.py", *argv], cwd=ROOT, capture_output=True, text=True)
+        assert done.returncode == 2 and done.stderr.startswith("error: ") and message in done.stderr
+        assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    (runs / "REPORT.md").mkdir()
+    with pytest.raises(report.LabError, match="cannot write the report .*a folder is in the way"):
+        report.write_report(runs, tensorboard=False)
+
+
+def test_report_shows_the_settings_that_differ(runs):
+    text = report.write_report(runs, tensorboard=False).read_text()
+    rows = {row["run"]: row for row in table(text, "## exercise_2")}
+    assert rows["sub/e2-lora"]["settings that differ"] == "lora.enabled=True, lora.r=8"
+    assert rows["e2-full"]["settings that differ"] == "lora.enabled=False, lora.r=-"
+    assert "settings that differ" not in table(text, "## exercise_1")[0]  # one run: nothing to compare
