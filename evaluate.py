@@ -5,11 +5,14 @@ Pure functions over label arrays, so each can be checked against hand-computed v
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 
 import numpy as np
 
 RESULTS_FILE = "results.json"
+CONFUSION_FILE = "confusion_matrices.json"   # beside results.json: 200 classes make 40,000 cells a matrix
 
 
 def classification_metrics(labels, predictions, num_labels: int | None = None) -> dict:
@@ -95,16 +98,33 @@ def classification_report_text(labels, predictions, label_names: list[str]) -> s
 
 
 def write_results(run_dir: Path, exercise: str, config: dict, metrics: dict, timing: dict,
-                  model: dict, **extra) -> Path:
+                  model: dict, confusion_matrices: dict | None = None, **extra) -> Path:
     """Write `<run_dir>/results.json`: exercise, config, metrics (stage -> split -> metric),
-    timing (seconds per phase), model (name, parameter counts), environment, plus any extras."""
+    timing (seconds per phase), model (name, parameter counts), environment, plus any extras.
+    Confusion matrices go to CONFUSION_FILE beside it, one matrix row per line, so results.json stays
+    small to read and diff whatever the number of classes."""
     from utils import environment_info
 
     results = {"exercise": exercise, "config": config, "metrics": metrics, "timing": timing,
                "model": model, "environment": environment_info(), **extra}
-    path = Path(run_dir) / RESULTS_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=2, default=_json_default))
+    if confusion_matrices is not None:
+        _write_json(Path(run_dir) / CONFUSION_FILE, confusion_matrices)
+        results["confusion_matrices"] = CONFUSION_FILE
+    return _write_json(Path(run_dir) / RESULTS_FILE, results)
+
+
+def read_confusion_matrices(run_dir: Path) -> dict:
+    """What write_results wrote to CONFUSION_FILE: stage -> (split ->) rows of counts."""
+    return json.loads((Path(run_dir) / CONFUSION_FILE).read_text())
+
+
+def _write_json(path: Path, contents) -> Path:
+    """Indented JSON whose innermost lists of numbers stay on one line each; written whole or not at all."""
+    text = json.dumps(contents, indent=2, default=_json_default)
+    text = re.sub(r"\[\s*(-?[\d.eE+-]+(?:,\s*-?[\d.eE+-]+)*)\s*\]",
+                  lambda match: "[" + ", ".join(match.group(1).replace(",", " ").split()) + "]", text)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    tmp.write_text(text)
     tmp.replace(path)
     return path
 

@@ -59,7 +59,7 @@ CONFIG = {
     "mixed_precision": "auto",       # auto: bf16 on CUDA, fp32 on CPU
     "eval_strategy": "no",           # zero-shot validation during training: "no" | "epoch" | "steps"
     "eval_steps": 200,               # with eval_strategy=steps: evaluate every this many steps
-    "logging_steps": 20,             # log the training loss every this many steps
+    "logging_steps": 10,             # log the training loss every this many steps
     "save_steps": 200,               # checkpoints (adapters + optimizer) for resume
     "save_total_limit": 2,           # checkpoints kept
     "dataloader_num_workers": 0,     # processes decoding images while the model works (0 = none)
@@ -178,7 +178,12 @@ def main(argv: list[str] | None = None, callbacks=()):
         "sample_predictions": plots.plot_sample_predictions(splits["validation"], results["zero_shot"], results[tuned],
                                                             names, run_dir / "sample_predictions.png",
                                                             config["num_sample_images"], config["seed"]),
-        "training_curves": plots.plot_training_curves(trainer.state.log_history, run_dir / "training_curves.png"),
+        # the validation curve starts at the zero-shot score (step 0) and ends at the trained stage's
+        "training_curves": plots.plot_training_curves(
+            [{"step": 0, **{f"eval_{k}": v for k, v in results["zero_shot"].metrics.items()}},
+             *trainer.state.log_history,
+             {"step": trainer.state.global_step, **{f"eval_{k}": v for k, v in results[tuned].metrics.items()}}],
+            run_dir / "training_curves.png"),
         f"confusion_{tuned}": plots.plot_confusion_matrix(results[tuned].confusion, names,
                                                           run_dir / f"confusion_{tuned}_validation.png",
                                                           f"{tuned} on validation"),
@@ -192,7 +197,7 @@ def main(argv: list[str] | None = None, callbacks=()):
     if skipped:
         print(f"warning: {len(skipped)} unreadable images were skipped (bad_images=fail stops at the first)",
               file=sys.stderr)
-    model_info = {"name": config["model_name"], "parameters": base_parameters, "total_parameters": total,
+    model_info = {"name": config["model_name"], "parameters": total, "base_parameters": base_parameters,
                   "trainable_parameters": trainable, "trainable_percent": round(100 * trainable / total, 4),
                   "lora": config["lora"] if config["lora"]["enabled"] else None,
                   "adapter": str(run_dir / "adapter") if config["lora"]["enabled"] else None}

@@ -47,7 +47,7 @@ def plot_training_curves(log_history: list[dict], path: Path | None = None,
         return [p[0] for p in points], [p[1] for p in points]
 
     figure, (loss_axis, metric_axis) = plt.subplots(1, 2, figsize=(11, 4))
-    for key, label, style in (("loss", "train loss", "-"), ("eval_loss", "validation loss", "o-")):
+    for key, label, style in (("loss", "train loss", ".-"), ("eval_loss", "validation loss", "o-")):
         steps, values = series(key)
         if steps:
             loss_axis.plot(steps, values, style, label=label)
@@ -68,18 +68,30 @@ def plot_training_curves(log_history: list[dict], path: Path | None = None,
 
 
 def plot_per_class_change(before: np.ndarray, after: np.ndarray, names: list[str], path: Path, show: int = 15):
-    """Per-class accuracy after minus before: all classes, or the `show` largest gains and losses."""
+    """Per-class accuracy after minus before, for the classes that changed: the `show` largest gains and the
+    `show` largest losses, each bar labelled before -> after, on an axis symmetric around zero."""
     change = np.nan_to_num(after - before)
-    order = np.argsort(change)
-    if len(order) > 2 * show:
-        order = np.concatenate([order[:show], order[-show:]])
-    figure, axis = plt.subplots(figsize=(8, 0.25 * len(order) + 1.5))
-    axis.barh(range(len(order)), change[order], color=["tab:green" if c >= 0 else "tab:red" for c in change[order]])
+    changed = np.flatnonzero(change)
+    gains = changed[np.argsort(-change[changed])][:show]
+    gains = gains[change[gains] > 0]
+    losses = changed[np.argsort(change[changed])][:show]
+    losses = losses[change[losses] < 0]
+    order = np.concatenate([losses, gains[::-1]]).astype(int)
+    figure, axis = plt.subplots(figsize=(8, 0.3 * max(len(order), 4) + 1.5))
+    axis.barh(range(len(order)), change[order], color=["tab:green" if c > 0 else "tab:red" for c in change[order]])
+    for position, index in enumerate(order):
+        axis.annotate(f"{before[index]:.2f} -> {after[index]:.2f}", (change[index], position), fontsize=7, va="center",
+                      xytext=(3 if change[index] > 0 else -3, 0), textcoords="offset points",
+                      ha="left" if change[index] > 0 else "right")
     axis.set_yticks(range(len(order)), [names[i] for i in order], fontsize=8)
+    limit = 1.25 * max(np.abs(change).max(), 0.01)
+    axis.set_xlim(-limit, limit)
     axis.axvline(0, color="black", linewidth=0.8)
     axis.set_xlabel("accuracy change (trained - zero_shot)")
-    axis.set_title(f"per-class accuracy change, mean {np.nanmean(after - before):+.3f}"
-                   + (f" ({show} largest gains and losses)" if len(change) > 2 * show else ""))
+    if not len(order):
+        axis.text(0, 0.5, "no class changed", ha="center", va="center", transform=axis.get_yaxis_transform())
+    axis.set_title(f"per-class accuracy: {(change > 0).sum()} classes up, {(change < 0).sum()} down, "
+                   f"{(change == 0).sum()} unchanged; mean {np.nanmean(after - before):+.4f}", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     return figure

@@ -132,12 +132,12 @@ def approach(run: dict, stage: str) -> tuple[str, str | None]:
 
 
 def parameter_counts(run: dict, stage: str) -> tuple[int | None, int | None]:
-    """(trainable, total) transformer parameters behind a stage's scores: 0 trainable for frozen
-    stages, which also use the model as loaded (`parameters`) rather than with adapters added
-    (`total_parameters`, exercise 3)."""
+    """(trainable, total) transformer parameters behind a stage's scores: `parameters` counts the model as
+    trained (adapters included); frozen stages have 0 trainable and use the model as loaded
+    (`base_parameters`, exercise 3, where adapters are added after its frozen stage)."""
     model = run.get("model") or {}
     frozen = stage in FROZEN_STAGES
-    total = model.get("parameters") if frozen else model.get("total_parameters", model.get("parameters"))
+    total = model.get("base_parameters", model.get("parameters")) if frozen else model.get("parameters")
     return (0 if frozen else model.get("trainable_parameters")), total
 
 
@@ -345,6 +345,9 @@ def plot_ablation(sweep: dict, rows: list[dict], path: Path) -> Path | None:
             else:
                 xs = [x_values.index(point[0]) for point in points]
             panel.plot(xs, [point[1] for point in points], "o-", label=label)
+            for x, (_, accuracy) in zip(xs, points):   # the values themselves: the axis spans all of 0..1
+                panel.annotate(f"{accuracy:.3f}", (x, accuracy), textcoords="offset points", xytext=(0, 6),
+                               ha="center", fontsize=7)
         if numeric:
             numbers = [_as_number(value) for value in x_values]
             if min(numbers) > 0 and max(numbers) / min(numbers) >= 10:
@@ -353,6 +356,7 @@ def plot_ablation(sweep: dict, rows: list[dict], path: Path) -> Path | None:
             panel.set_xticks(range(len(x_values)), x_values, rotation=20)
         panel.set_xlabel(x_key)
         panel.set_ylabel(f"{split} accuracy")
+        panel.set_ylim(0, 1.05)     # from zero: a zoomed axis makes 0.78 vs 0.79 look like a landslide
         panel.grid(alpha=0.3)
         if len(groups) > 1:
             panel.legend(fontsize=8)

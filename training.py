@@ -7,15 +7,20 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from transformers import Trainer
+from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 import utils
 from utils import LabError
+
+# transformers 5 warns from inside its own Trainer/PEFT code paths: nothing a user of these scripts can change
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def trainer_precision(setting: str, device: str) -> str:
@@ -206,6 +211,11 @@ class LabTrainer(Trainer):
     """The stock Trainer plus the non-finite-loss policy and a length-grouped order seeded by (seed, epoch),
     so that a run resumed mid-epoch replays the same batches. Exercise 3's CLIPTrainer builds on it."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.pop_callback(ProgressCallback) is not None:
+            self.add_callback(ReadableProgress)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if model.training:      # evaluation computes losses too; only a training loss stops training
@@ -233,6 +243,26 @@ class SeededLengthGroupedSampler(LengthGroupedSampler):
     def __iter__(self):
         self.generator.manual_seed(self.seed + self.epoch)
         return super().__iter__()
+
+
+class ReadableProgress(ProgressCallback):
+    """The Trainer's progress bars, labelled, with each log as one readable line instead of a raw dict."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
+        if self.training_bar is not None:
+            self.training_bar.set_description("train")
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        super().on_prediction_step(args, state, control, eval_dataloader=eval_dataloader, **kwargs)
+        if self.prediction_bar is not None and not self.prediction_bar.desc:
+            self.prediction_bar.set_description("evaluate")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None and logs:
+            values = ", ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
+                               for key, value in logs.items() if key not in ("epoch", "total_flos"))
+            self.training_bar.write(f"step {state.global_step}/{state.max_steps} (epoch {state.epoch or 0:.2f}): {values}")
 
 
 def resume_checkpoint(config: dict, checkpoints: Path, main_process: bool = True) -> str | None:

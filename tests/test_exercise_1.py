@@ -6,6 +6,7 @@ import pytest
 import subprocess
 import sys
 
+import evaluate
 import exercise_1
 import sweep
 import utils
@@ -55,7 +56,7 @@ def test_unseen_csv_with_four_string_classes(tmp_path, tiny_distilbert):
                            "text_column=sentence", "label_column=topic", "tune_C=true", "C_grid=0.1,1,10",
                            "pooling=mean")
     assert results["label_names"] == ["music", "politics", "science", "sports"]
-    assert len(results["confusion_matrices"]["svc"]["test"]) == 4
+    assert len(evaluate.read_confusion_matrices(run_dir)["svc"]["test"]) == 4
     assert results["classifiers"]["svc"]["C"] in (0.1, 1.0, 10.0)
     assert "politics" in results["classification_reports"]["logreg"]
     # the words carry the class, so even a random encoder's mean-pooled features separate the topics

@@ -114,7 +114,7 @@ def test_smoke_run_with_tensorboard_and_wandb(tiny_distilbert, rt_dir, tmp_path)
         for split in ("validation", "test"):
             values = results["metrics"][stage][split]
             assert {"loss", "accuracy", "f1_macro"} <= set(values) and 0 <= values["accuracy"] <= 1
-            assert np.sum(results["confusion_matrices"][stage][split]) == 32
+            assert np.sum(evaluate.read_confusion_matrices(run_dir)[stage][split]) == 32
     assert results["training"]["global_step"] == 8
     assert results["model"]["trainable_parameters"] == results["model"]["parameters"] > 0
     # the best checkpoint is the one with the lowest validation loss, and it is what was tested
@@ -187,7 +187,7 @@ def test_torchrun_two_cpu_processes_write_one_result(tiny_distilbert, tmp_path):
         max_steps=6, wandb_mode="offline", tensorboard=True), output_dir, timeout=300)
     assert results["training"]["processes"] == 2 and results["training"]["global_step"] == 6
     assert results["label_names"] == ["music", "politics", "science", "sports"]  # sorted string labels
-    matrix = np.asarray(results["confusion_matrices"]["fine_tuned"]["test"])
+    matrix = np.asarray(evaluate.read_confusion_matrices(run_dir)["fine_tuned"]["test"])
     assert matrix.shape == (4, 4) and matrix.sum() == results["data_sizes"]["test"]  # each example once
     assert len(list(run_dir.glob("wandb/offline-run-*"))) == 1
 

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from tools import build_tiny_clip
 import clip
+import evaluate
 import exercise_3
 import utils
 from conftest import PoisonAtStep, read_results, SignalAtStep, torchrun_two_processes
@@ -48,7 +49,7 @@ def test_smoke_main_writes_both_stages_logs_and_plots(tiny_clip_dir, tiny_imagen
     model = results["model"]
     # r=8 on q_proj and v_proj of 2 layers in each tower of width 64: 2 * 2 * 2 * (64 * 8 + 8 * 64)
     assert model["trainable_parameters"] == 8192
-    assert model["total_parameters"] == model["parameters"] + 8192
+    assert model["parameters"] == model["base_parameters"] + 8192
     assert {"load_data", "load_model", "zero_shot", "train", "evaluate", "total"} <= set(results["timing"])
     assert [entry["step"] for entry in results["log_history"] if "eval_accuracy" in entry] == [2, 4]
     assert results["skipped_images"]["count"] == 0 and results["images_per_second"]["zero_shot"] > 0
@@ -86,10 +87,11 @@ def test_unreadable_images_are_skipped_and_counted_or_fatal(tmp_path, tiny_clip_
     bad_val = write_truncated_jpeg(splits / "val" / "tabby_cat" / "cut.jpg")
     args = tiny_args(tiny_clip_dir, splits, tmp_path / "runs", max_train_samples=None, max_eval_samples=None,
                      batch_size=13, max_steps=2)                       # 13 training images: each step sees all
-    results = read_results(exercise_3.main(args))
+    run_dir = exercise_3.main(args)
+    results = read_results(run_dir)
     assert results["skipped_images"] == {"count": 2, "files": sorted([str(bad_train), str(bad_val)]), "policy": "skip"}
     assert results["data_sizes"] == {"train": 13, "validation": 7}
-    assert sum(sum(row) for row in results["confusion_matrices"]["lora"]) == 6    # the readable ones
+    assert sum(sum(row) for row in evaluate.read_confusion_matrices(run_dir)["lora"]) == 6    # the readable ones
     assert "2 unreadable images were skipped" in capsys.readouterr().err
     with pytest.raises(utils.LabError, match="cut.jpg"):
         exercise_3.main([*args, "bad_images=fail"])
@@ -141,7 +143,7 @@ def test_torchrun_two_cpu_processes_gather_features_and_write_one_result(tiny_cl
     results, run_dir = torchrun_two_processes("exercise_3.py", tiny_args(
         tiny_clip_dir, tiny_imagenet_dir, output_dir, wandb_mode="offline", tensorboard=True), output_dir)
     assert results["training"]["processes"] == 2 and results["training"]["global_step"] == 4
-    assert sum(map(sum, results["confusion_matrices"]["lora"])) == 16                # each image once
+    assert sum(map(sum, evaluate.read_confusion_matrices(run_dir)["lora"])) == 16    # each image once
     assert len(list(run_dir.glob("wandb/offline-run-*"))) == 1
 
 
@@ -159,6 +161,16 @@ def test_learning_check_lifts_accuracy_to_three_times_chance(tmp_path, clip_toke
     before = results["metrics"]["zero_shot"]["validation"]["accuracy"]
     after = results["metrics"]["lora"]["validation"]["accuracy"]
     print(f"learning check: validation accuracy {before:.3f} -> {after:.3f} (chance 0.100), "
-          f"trainable {results['model']['trainable_parameters']:,} of {results['model']['total_parameters']:,}")
+          f"trainable {results['model']['trainable_parameters']:,} of {results['model']['parameters']:,}")
     assert results["data_sizes"] == {"train": 500, "validation": 500}
     assert after >= 0.30 and after > before
+
+
+def test_results_file_stays_small_for_200_classes(tiny_clip_dir, tiny_imagenet_dir, tmp_path):
+    """All of Tiny ImageNet's classes: the confusion matrices (2 x 40,000 cells) go beside results.json."""
+    run_dir = exercise_3.main(tiny_args(tiny_clip_dir, tiny_imagenet_dir, tmp_path, max_classes=None,
+                                        max_train_samples=200, max_eval_samples=400, max_steps=1, eval_batch_size=200))
+    assert (run_dir / "results.json").stat().st_size < 100_000
+    matrices = evaluate.read_confusion_matrices(run_dir)
+    assert {stage: len(matrix) for stage, matrix in matrices.items()} == {"zero_shot": 200, "lora": 200}
+    assert read_results(run_dir)["confusion_matrices"] == evaluate.CONFUSION_FILE

@@ -58,7 +58,7 @@ def runs(tmp_path) -> Path:
                "lora": {"validation": {**scores(0.09), "top5_accuracy": 0.30}}},
               {"zero_shot": 4.0, "train": 30.0, "lora": 6.0, "total": 45.0},
               # exercise 3 keeps the base model's count too; the total with adapters is what counts
-              {"name": "/tmp/tiny-clip", "parameters": 1000000, "total_parameters": 1005000,
+              {"name": "/tmp/tiny-clip", "base_parameters": 1000000, "parameters": 1005000,
                "trainable_parameters": 5000},
               config={"dataset": "/shared/data/tiny-imagenet-200"})
     return folder
