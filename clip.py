@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from transformers import TrainerCallback
 
-import data
 import evaluate
 import hub
+import images
 import training
 from utils import LabError
 
@@ -81,11 +81,11 @@ class ImageTransform:
     def __call__(self, batch: dict) -> dict:
         from PIL import Image
 
-        images, ids = [], []
+        pictures, ids = [], []
         for item in batch["image"]:
-            ids.append(data.image_id(item))
+            ids.append(images.image_id(item))
             try:
-                image = data.open_rgb(item)
+                image = images.open_rgb(item)
             except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
                 if self.on_bad_image == "fail":
                     raise LabError(f"unreadable image {ids[-1]}: {error} (bad_images=skip skips such files)") from None
@@ -95,10 +95,10 @@ class ImageTransform:
                 image = None
             if image is not None and self.augment_seed is not None:
                 image = random_augment(image, random.Random(f"{self.augment_seed}:{self.epoch}:{ids[-1]}"))
-            images.append(image)
-        readable = [image for image in images if image is not None]
+            pictures.append(image)
+        readable = [image for image in pictures if image is not None]
         processed = iter(self.image_processor(images=readable, return_tensors="pt")["pixel_values"] if readable else [])
-        return {"pixel_values": [next(processed) if image is not None else None for image in images],
+        return {"pixel_values": [next(processed) if image is not None else None for image in pictures],
                 "label": batch["label"], "image_id": ids}
 
 
