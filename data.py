@@ -7,6 +7,7 @@ label ids and the checks on them (classes, labels, cells) follow one policy for 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,9 @@ def load_rt_polarity(folder: Path) -> dict:
     """
     classes = {}
     for name in ("neg", "pos"):
+        if not (folder / f"rt-polarity.{name}").is_file():
+            raise LabError(f"{folder / f'rt-polarity.{name}'} is missing; the sentence-polarity folder needs "
+                           f"rt-polarity.pos and rt-polarity.neg")
         with open(folder / f"rt-polarity.{name}", encoding="latin-1", newline="\n") as handle:
             classes[name] = [line.strip() for line in handle.readlines()]
     splits = {split: {"text": [], "label": []} for split in SPLITS}
@@ -47,34 +51,166 @@ def load_rt_polarity(folder: Path) -> dict:
     return {"splits": splits, "label_names": ["neg", "pos"]}
 
 
-def _read_table(path: Path):
-    import pandas as pd
+TABLE_KINDS = {".csv": "comma-separated", ".tsv": "tab-separated", ".json": "JSON", ".jsonl": "JSON Lines",
+               ".parquet": "Parquet"}
 
+
+def read_text_file(path: Path) -> str:
+    """A UTF-8 text file (a BOM is dropped), or a LabError naming it."""
     try:
-        if path.suffix in (".csv", ".tsv"):
-            return pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ",", encoding="utf-8")
-        if path.suffix in (".json", ".jsonl"):
-            return pd.read_json(path, lines=path.suffix == ".jsonl" or _is_json_lines(path))
-        return pd.read_parquet(path)
+        return Path(path).read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
         raise LabError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start}); "
                        f"re-save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+    except OSError as error:
+        raise LabError(f"cannot read {path}: {error.strerror or error}") from None
 
 
-def _is_json_lines(path: Path) -> bool:
-    with open(path, encoding="utf-8") as handle:
-        return handle.read(1) != "["
+def one_line(error) -> str:
+    return " ".join(str(error).split())[:300]
+
+
+def _read_table(path: Path, columns: tuple[str, str]):
+    """A table file as a DataFrame with `columns`, or a LabError naming the file, the columns expected
+    and what was found. CSV/TSV: empty cells are missing, "NA" or "null" stay text; BOMs are dropped."""
+    import pandas as pd
+
+    expected = f"a table with columns {columns[0]!r} and {columns[1]!r}"
+    suffix = path.suffix.lower()
+    if path.is_dir():
+        raise LabError(f"{path} is a folder; expected {expected} ({', '.join(TABLE_SUFFIXES)})")
+    if suffix not in TABLE_SUFFIXES:
+        raise LabError(f"{path} is not a table file: expected {expected} in one of {', '.join(TABLE_SUFFIXES)}")
+    if path.stat().st_size == 0 or (suffix != ".parquet" and not read_text_file(path).strip()):
+        raise LabError(f"{path} is empty; expected {expected}, with a header row")
+    try:
+        if suffix in (".csv", ".tsv"):
+            frame = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", encoding="utf-8-sig",
+                                keep_default_na=False, na_values=[""])
+        elif suffix in (".json", ".jsonl"):
+            frame = pd.DataFrame.from_records(_read_json_records(path, suffix))
+        else:
+            frame = pd.read_parquet(path)
+    except UnicodeDecodeError:
+        read_text_file(path)            # raises the not-UTF-8 LabError
+        raise
+    except pd.errors.EmptyDataError:
+        raise LabError(f"{path} is empty; expected {expected}, with a header row") from None
+    except (pd.errors.ParserError, ValueError, OSError) as error:
+        raise LabError(f"{path} is not a readable {TABLE_KINDS[suffix]} file ({one_line(error)}); "
+                       f"expected {expected}") from None
+    frame.columns = [str(c).strip() for c in frame.columns]
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        found = list(frame.columns)
+        hint = ""
+        if len(found) == 1:
+            other = next((name for sep, name in ((";", "semicolon"), ("\t", "tab"), ("|", "pipe"), (",", "comma"))
+                          if sep in found[0]), None)
+            if other:
+                hint = (f"; the header looks {other}-separated but {suffix} is read as {TABLE_KINDS[suffix]}: "
+                        f"re-save it {TABLE_KINDS[suffix]} (or as .csv / .tsv)")
+        raise LabError(f"{path} has no column {missing[0]!r}: expected columns {columns[0]!r} and {columns[1]!r}, "
+                       f"found {found}{hint}; set text_column= / label_column=")
+    return frame
+
+
+def _read_json_records(path: Path, suffix: str) -> list[dict]:
+    """A JSON array of objects, or JSON Lines (one object per line; blank lines skipped)."""
+    text = read_text_file(path)
+    if suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise LabError(f"{path} is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}; "
+                           f"expected an array of objects or one object per line") from None
+    else:
+        records = []
+        for number, line in enumerate(text.split("\n"), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise LabError(f"{path} line {number} is not valid JSON ({error.msg}, column {error.colno}); "
+                                   f"expected one JSON object per line (JSON Lines)") from None
+    bad = next((i for i, record in enumerate(records, 1) if not isinstance(record, dict)), None)
+    if bad is not None:
+        raise LabError(f"{path}: record {bad} is a JSON {type(records[bad - 1]).__name__}, not an object; "
+                       f"expected one object per row, e.g. {{\"text\": \"...\", \"label\": 0}}")
+    return records
 
 
 def _find_split_files(folder: Path) -> dict:
     found = {}
     for split, aliases in SPLIT_ALIASES.items():
-        for alias in aliases:
-            matches = [p for p in sorted(folder.iterdir()) if p.stem == alias and p.suffix in TABLE_SUFFIXES]
-            if matches:
-                found[split] = matches[0]
-                break
+        matches = [p for alias in aliases for p in sorted(folder.iterdir())
+                   if p.stem == alias and p.suffix.lower() in TABLE_SUFFIXES]
+        if len(matches) > 1:
+            raise LabError(f"{len(matches)} files for the {split} split in {folder}: "
+                           f"{', '.join(p.name for p in matches)}; keep one (which one to read is ambiguous)")
+        if matches:
+            found[split] = matches[0]
     return found
+
+
+def _is_missing(value) -> bool:
+    import pandas as pd
+
+    if isinstance(value, str):
+        return not value.strip()
+    return not isinstance(value, (list, tuple, dict, set, np.ndarray)) and bool(pd.isna(value))
+
+
+def _rows(numbers: list[int]) -> str:
+    shown = ", ".join(str(n) for n in numbers[:5])
+    return f"row{'s' if len(numbers) > 1 else ''} {shown}{', ...' if len(numbers) > 5 else ''}"
+
+
+def check_cells(values: list, source: str, column: str, kind: str) -> list:
+    """The cells of a text (`kind` "text") or label column, checked: missing, empty and nested values
+    (lists, objects) are refused naming their rows (1 = the first data row). Numbers in a text column
+    become text; whole-number float labels (1.0) become ints; label strings lose surrounding spaces."""
+    missing, nested, cleaned = [], [], []
+    for row, value in enumerate(values, 1):
+        if isinstance(value, (list, tuple, dict, set, np.ndarray)) or (kind == "text" and isinstance(value, bytes)):
+            nested.append(row)
+        elif _is_missing(value):
+            missing.append(row)
+        elif isinstance(value, np.generic):
+            value = value.item()
+        if isinstance(value, float) and kind == "label" and value.is_integer():
+            value = int(value)
+        if isinstance(value, str) and kind == "label":
+            value = value.strip()
+        cleaned.append(str(value) if kind == "text" and not isinstance(value, str) else value)
+    if nested:
+        raise LabError(f"{source}: column {column!r} holds nested values (lists or objects) at {_rows(nested)}; "
+                       f"expected one {'string' if kind == 'text' else 'label (a string or an integer)'} per row")
+    if missing:
+        what = "empty or missing text" if kind == "text" else "missing labels"
+        raise LabError(f"{source}: {len(missing)} {what} in column {column!r}, {_rows(missing)} "
+                       f"(row 1 = the first data row); fill or delete those rows")
+    return cleaned
+
+
+def check_classes(labels, where: str, hint: str = "", names: list[str] | None = None) -> None:
+    """At least two classes in `labels` (raw labels, or ids into `names`): one class makes every score
+    meaningless (exercise 2 would even build a regression head)."""
+    from collections import Counter
+
+    counts = Counter(labels)
+    if len(counts) < 2:
+        label, n = next(iter(counts.items()), (None, 0))
+        found = f"only one class, {str(names[label] if names else label)!r} ({n} examples)" if n else "no examples"
+        raise LabError(f"{where} has {found}; a classifier needs at least two classes{hint}")
+
+
+def warn_small_classes(labels, names: list[str], where: str) -> None:
+    counts = np.bincount(np.asarray(labels, dtype=int), minlength=len(names))
+    small = [f"{names[i]!r} ({counts[i]})" for i in np.flatnonzero((counts > 0) & (counts < 2))]
+    if small:
+        print(f"warning: {len(small)} classes have a single example in {where}: {', '.join(small[:5])}; "
+              f"their scores will rest on one example", file=sys.stderr)
 
 
 def _labels_to_ids(raw: dict, hub_names: list | None) -> tuple[dict, list[str]]:
@@ -115,9 +251,23 @@ def stratified_indices(labels: list[int], size: int | float, seed: int) -> tuple
     return sorted(rest.tolist()), sorted(picked.tolist())
 
 
-def carve_split(labels, fraction: float, seed: int, dataset: str, split: str) -> tuple[list, list]:
-    """(rest, carved) rows of train when the data has no `split`: the one carving policy of every loader."""
-    rest, carved = stratified_indices(list(labels), fraction, seed)
+def carve_split(labels, fraction: float, seed: int, dataset: str, split: str,
+                names: list[str] | None = None) -> tuple[list, list]:
+    """(rest, carved) rows of train when the data has no `split`: the one carving policy of every loader.
+    A class with fewer than 2 examples, or one the carve would take wholly out of train, is refused."""
+    labels = [int(label) for label in labels]
+    counts = np.bincount(labels) if labels else np.zeros(0, dtype=int)
+    name = (lambda i: repr(names[i]) if names and i < len(names) else repr(i))
+    too_small = np.flatnonzero((counts > 0) & (counts < 2))
+    if len(too_small):
+        raise LabError(f"{dataset} has no {split} split and class {name(too_small[0])} has only "
+                       f"{counts[too_small[0]]} example in train ({len(too_small)} such classes); carving a stratified "
+                       f"{split} split needs at least 2 per class: add examples or give a {split} file")
+    rest, carved = stratified_indices(labels, fraction, seed)
+    lost = sorted(set(np.flatnonzero(counts)) - {labels[i] for i in rest})
+    if lost:
+        raise LabError(f"carving a {split} split from {dataset} would leave class {name(lost[0])} "
+                       f"({counts[lost[0]]} examples) with none in train; add examples or give a {split} file")
     print(f"{dataset} has no {split} split: carving {len(carved)} examples from train (stratified, seed {seed})")
     return rest, carved
 
@@ -148,7 +298,7 @@ def load_text_dataset(dataset: str, text_column: str = "text", label_column: str
     from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
     path = Path(dataset).expanduser()
-    hub_names = None
+    hub_names, sources = None, {}
     if path.is_dir() and (path / "rt-polarity.pos").exists():
         loaded = load_rt_polarity(path)
         raw, hub_names = loaded["splits"], loaded["label_names"]
@@ -157,29 +307,32 @@ def load_text_dataset(dataset: str, text_column: str = "text", label_column: str
         if "train" not in files:
             raise LabError(f"no train file in {path}: expected train.csv / train.json(l) / train.parquet "
                            f"(and optionally validation.*, test.*)")
+        sources = {split: str(file) for split, file in files.items()}
         raw = {}
         for split, file in files.items():
-            frame = _read_table(file)
-            missing = [c for c in (text_column, label_column) if c not in frame.columns]
-            if missing:
-                raise LabError(f"{file} has no column {missing[0]!r} (columns: {list(frame.columns)}); "
-                               f"set text_column= / label_column=")
-            raw[split] = {"text": frame[text_column].astype(str).tolist(),
-                          "label": frame[label_column].tolist()}
+            frame = _read_table(file, (text_column, label_column))
+            raw[split] = {"text": frame[text_column].tolist(), "label": frame[label_column].tolist()}
     else:
         raw, hub_names = _load_hub_text(dataset, text_column, label_column)
     for split, columns in raw.items():
         if not columns["text"]:
             raise LabError(f"the {split} split of {dataset} is empty")
+        source = sources.get(split, f"the {split} split of {dataset}")
+        columns["text"] = check_cells(columns["text"], source, text_column, "text")
+        columns["label"] = check_cells(columns["label"], source, label_column, "label")
+    check_classes(raw["train"]["label"], f"the train split of {sources.get('train', dataset)}")
     ids, names = _labels_to_ids({split: columns["label"] for split, columns in raw.items()}, hub_names)
     splits = {split: {"text": raw[split]["text"], "label": ids[split]} for split in raw}
     for split in ("test", "validation"):
         if split not in splits:
-            rest, carved = carve_split(splits["train"]["label"], validation_fraction, seed, dataset, split)
+            rest, carved = carve_split(splits["train"]["label"], validation_fraction, seed, dataset, split, names)
             splits[split], splits["train"] = _select(splits["train"], carved), _select(splits["train"], rest)
     for split in SPLITS:
         limit = max_train_samples if split == "train" else max_eval_samples
         splits[split] = _select(splits[split], subsample_rows(splits[split]["label"], limit, seed, split))
+    check_classes(splits["train"]["label"], f"the train split of {dataset} after max_train_samples={max_train_samples}",
+                  f"; use max_train_samples >= {len(names)} (one per class)", names)
+    warn_small_classes(splits["train"]["label"], names, f"the train split of {dataset}")
     features = Features({"text": Value("string"), "label": ClassLabel(names=names)})
     return DatasetDict({split: Dataset.from_dict(splits[split], features=features) for split in SPLITS})
 
