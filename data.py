@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 
 import hub
-import utils
 from utils import LabError
 
 
