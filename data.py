@@ -102,15 +102,15 @@ def _read_table(path: Path, columns: tuple[str, str]):
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         found = list(frame.columns)
-        hint = ""
-        if len(found) == 1:
-            other = next((name for sep, name in ((";", "semicolon"), ("\t", "tab"), ("|", "pipe"), (",", "comma"))
-                          if sep in found[0]), None)
-            if other:
-                hint = (f"; the header looks {other}-separated but {suffix} is read as {TABLE_KINDS[suffix]}: "
-                        f"re-save it {TABLE_KINDS[suffix]} (or as .csv / .tsv)")
+        hint = "set text_column= / label_column= to your column names"
+        other = next((name for sep, name in ((";", "semicolon"), ("\t", "tab"), ("|", "pipe"), (",", "comma"))
+                      if len(found) == 1 and sep in found[0]), None)
+        if other:
+            fix = {"tab": "rename it to .tsv", "comma": "rename it to .csv"}.get(
+                other, "re-save it comma-separated (.csv) or tab-separated (.tsv)")
+            hint = f"the header looks {other}-separated, but a {suffix} file is read as {TABLE_KINDS[suffix]}: {fix}"
         raise LabError(f"{path} has no column {missing[0]!r}: expected columns {columns[0]!r} and {columns[1]!r}, "
-                       f"found {found}{hint}; set text_column= / label_column=")
+                       f"found {found}; {hint}")
     return frame
 
 

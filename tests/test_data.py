@@ -178,8 +178,10 @@ def test_small_class_warning_names_the_class(tmp_path, capsys):
 @pytest.mark.parametrize("filename, content, fragment", [
     ("train.csv", "text;label\nnice;pos\nbad;neg\n",
      r"train.csv has no column 'text': expected columns 'text' and 'label', found \['text;label'\]; "
-     r"the header looks semicolon-separated"),
-    ("train.tsv", "text,label\nnice,pos\nbad,neg\n", r"found \['text,label'\]; the header looks comma-separated"),
+     r"the header looks semicolon-separated, but a .csv file is read as comma-separated: re-save it"),
+    ("train.tsv", "text,label\nnice,pos\nbad,neg\n", r"found \['text,label'\]; the header looks comma-separated.*"
+                                                     r"rename it to .csv"),
+    ("train.csv", "text\tlabel\nnice\tpos\n", r"the header looks tab-separated.*rename it to .tsv"),
     ("train.csv", "", r"train.csv is empty; expected a table with columns 'text' and 'label'"),
     ("train.jsonl", "\n\n", r"train.jsonl is empty"),
     ("train.parquet", "", r"train.parquet is empty"),
