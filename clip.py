@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from transformers import TrainerCallback
 
-import data
 import evaluate
 import hub
+import images
 import training
 from utils import LabError
 
@@ -81,11 +81,11 @@ class ImageTransform:
     def __call__(self, batch: dict) -> dict:
         from PIL import Image
 
-        images, ids = [], []
+        pictures, ids = [], []
         for item in batch["image"]:
-            ids.append(data.image_id(item))
+            ids.append(images.image_id(item))
             try:
-                image = data.open_rgb(item)
+                image = images.open_rgb(item)
             except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
                 if self.on_bad_image == "fail":
                     raise LabError(f"unreadable image {ids[-1]}: {error} (bad_images=skip skips such files)") from None
@@ -95,10 +95,10 @@ class ImageTransform:
                 image = None
             if image is not None and self.augment_seed is not None:
                 image = random_augment(image, random.Random(f"{self.augment_seed}:{self.epoch}:{ids[-1]}"))
-            images.append(image)
-        readable = [image for image in images if image is not None]
+            pictures.append(image)
+        readable = [image for image in pictures if image is not None]
         processed = iter(self.image_processor(images=readable, return_tensors="pt")["pixel_values"] if readable else [])
-        return {"pixel_values": [next(processed) if image is not None else None for image in images],
+        return {"pixel_values": [next(processed) if image is not None else None for image in pictures],
                 "label": batch["label"], "image_id": ids}
 
 
@@ -116,7 +116,8 @@ class ImageTextCollator:
 
     Output: `pixel_values` (B, 3, H, W), `input_ids` / `attention_mask` (B, L) of each image's
     prompt (`template` filled with its class name, tokenized once for all classes), `labels` (B,),
-    `kept` (which input rows were readable) and, when some were not, `skipped_images`.
+    `kept` (which input rows were readable) and, when some were not, `skipped_images`. When no image of
+    the batch is readable, B is 0: evaluate_zero_shot skips such a batch and CLIPTrainer trains nothing on it.
     """
 
     def __init__(self, tokenizer, class_names: list[str], template: str = TEMPLATES["single"][0], max_length: int = 77):
@@ -128,12 +129,10 @@ class ImageTextCollator:
     def __call__(self, features: list[dict]) -> dict:
         kept = [f["pixel_values"] is not None for f in features]
         good = [f for f, ok in zip(features, kept) if ok]
-        if not good:
-            raise LabError(f"every image in a batch is unreadable, e.g. {features[0]['image_id']}")
         labels = torch.tensor([int(f["label"]) for f in good], dtype=torch.long)
         attention_mask = self.class_attention_mask[labels]
-        width = int(attention_mask.sum(1).max())      # trim the padding no prompt in this batch needs
-        batch = {"pixel_values": torch.stack([f["pixel_values"] for f in good]),
+        width = int(attention_mask.sum(1).max()) if good else 1   # trim the padding no prompt here needs
+        batch = {"pixel_values": torch.stack([f["pixel_values"] for f in good]) if good else torch.zeros(0, 3, 0, 0),
                  "input_ids": self.class_input_ids[labels, :width], "attention_mask": attention_mask[:, :width],
                  "labels": labels, "kept": torch.tensor(kept)}
         skipped = [f["image_id"] for f, ok in zip(features, kept) if not ok]
@@ -221,9 +220,11 @@ def zero_shot_metrics(labels, top_k, label_names: list[str]) -> tuple[dict, np.n
 
 
 def evaluate_zero_shot(model, classifier: torch.Tensor, class_names: list[str], dataset, collator, batch_size: int = 64,
-                       num_workers: int = 0, desc: str = "zero-shot", top_k: int = 5) -> ZeroShotResult:
+                       num_workers: int = 0, desc: str = "zero-shot", top_k: int = 5,
+                       split: str = "validation") -> ZeroShotResult:
     """Classify every image of a transformed dataset against a zero-shot head (one row per class name).
-    Memory is bounded by one batch: per image only its label and top-k class ids are kept."""
+    Memory is bounded by one batch: per image only its label and top-k class ids are kept. A batch with
+    no readable image is skipped (its images counted); a `split` with none at all is a LabError."""
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
@@ -234,13 +235,17 @@ def evaluate_zero_shot(model, classifier: torch.Tensor, class_names: list[str], 
     offset = 0
     with torch.inference_mode():
         for batch in tqdm(loader, desc=desc, unit="batch"):
-            logits = zero_shot_logits(model, batch["pixel_values"], classifier)
-            best.append(logits.topk(k, dim=-1).indices.cpu().numpy())
-            labels.append(batch["labels"].numpy())
-            rows.append(offset + np.flatnonzero(batch["kept"].numpy()))
-            offset += len(batch["kept"])
             skipped += batch.get("skipped_images", [])
+            if len(batch["labels"]):
+                logits = zero_shot_logits(model, batch["pixel_values"], classifier)
+                best.append(logits.topk(k, dim=-1).indices.cpu().numpy())
+                labels.append(batch["labels"].numpy())
+                rows.append(offset + np.flatnonzero(batch["kept"].numpy()))
+            offset += len(batch["kept"])
     seconds = time.perf_counter() - start
+    if not labels:
+        raise LabError(f"every image of the {split} split is unreadable ({offset} images, e.g. "
+                       f"{skipped[0] if skipped else '-'}); nothing can be scored: check the image files")
     labels, best = np.concatenate(labels), np.concatenate(best)
     metrics, matrix, recall, pairs = zero_shot_metrics(labels, best, class_names)
     return ZeroShotResult(metrics, labels, best, np.concatenate(rows), matrix, recall, pairs, skipped, seconds)
@@ -311,9 +316,16 @@ class CLIPTrainer(training.LabTrainer):
             raise LabError(f"loss must be 'clip' or 'class', got {loss!r}")
         self.loss, self.class_names, self.templates = loss, list(class_names), tuple(templates)
         self.skipped_images = set()
+        self.images_trained = 0           # readable training images seen, to refuse a split with none
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self.skipped_images.update(inputs.get("skipped_images", []))
+        self.images_trained += len(inputs["labels"])
+        if not len(inputs["labels"]):
+            return self._empty_batch_loss(model, inputs, return_outputs)
+        return self._loss(model, inputs, return_outputs)
+
+    def _loss(self, model, inputs, return_outputs):
         if self.loss == "class":
             device = inputs["pixel_values"].device
             text = {"input_ids": self.data_collator.class_input_ids.to(device),
@@ -329,6 +341,28 @@ class CLIPTrainer(training.LabTrainer):
             loss = clip_loss(outputs.image_embeds, outputs.text_embeds, logit_scale)
         training.check_loss(loss, self.state.global_step + 1)     # before backward: a bad step changes nothing
         return (loss, outputs) if return_outputs else loss
+
+    def _empty_batch_loss(self, model, inputs, return_outputs):
+        """A batch whose every image was unreadable: one blank image through the model, times zero. The
+        forward keeps DDP's gradient hooks and the feature gather in step across processes; the loss and
+        every gradient are 0 (the scheduler still counts the step)."""
+        core = clip_core(model)
+        size = core.config.vision_config.image_size
+        device = inputs["labels"].device
+        inputs = {**inputs, "pixel_values": torch.zeros(1, 3, size, size, device=device),
+                  "input_ids": self.data_collator.class_input_ids[:1].to(device),
+                  "attention_mask": self.data_collator.class_attention_mask[:1].to(device),
+                  "labels": torch.zeros(1, dtype=torch.long, device=device)}
+        loss, outputs = self._loss(model, inputs, return_outputs=True)
+        return (loss * 0.0, outputs) if return_outputs else loss * 0.0
+
+    def train(self, *args, **kwargs):
+        output = super().train(*args, **kwargs)
+        if not training.largest_across_processes(self.images_trained, self.args.device) and self.skipped_images:
+            raise LabError(f"every image of the train split read in training was unreadable "
+                           f"({len(self.skipped_images)} images, e.g. {sorted(self.skipped_images)[0]}); "
+                           f"nothing was learned: check the image files")
+        return output
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
         """Zero-shot classification of the eval set with a head built from the text tower as it is now."""

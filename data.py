@@ -1,20 +1,18 @@
-"""Every text and image dataset the exercises read: loaders, splits, labels, class names, image decoding.
+"""Every dataset the exercises read, and the one place data is validated: loaders, splits, labels.
 
 Text (exercises 1 and 2): a Hub id, the original rt-polarity folder, or train/validation/test tables.
-Images (exercise 3): the Tiny ImageNet release layout, an ImageFolder, or a Hub id. Splits, stratified
-subsamples and label ids follow one policy for both, and this is where data is validated.
+Images (exercise 3): `load_image_dataset` here, its readers in images.py. Splits, stratified subsamples,
+label ids and the checks on them (classes, labels, cells) follow one policy for both.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import re
+import sys
 from pathlib import Path
 
 import numpy as np
 
 import hub
-import utils
 from utils import LabError
 
 
@@ -37,6 +35,9 @@ def load_rt_polarity(folder: Path) -> dict:
     """
     classes = {}
     for name in ("neg", "pos"):
+        if not (folder / f"rt-polarity.{name}").is_file():
+            raise LabError(f"{folder / f'rt-polarity.{name}'} is missing; the sentence-polarity folder needs "
+                           f"rt-polarity.pos and rt-polarity.neg")
         with open(folder / f"rt-polarity.{name}", encoding="latin-1", newline="\n") as handle:
             classes[name] = [line.strip() for line in handle.readlines()]
     splits = {split: {"text": [], "label": []} for split in SPLITS}
@@ -49,34 +50,166 @@ def load_rt_polarity(folder: Path) -> dict:
     return {"splits": splits, "label_names": ["neg", "pos"]}
 
 
-def _read_table(path: Path):
-    import pandas as pd
+TABLE_KINDS = {".csv": "comma-separated", ".tsv": "tab-separated", ".json": "JSON", ".jsonl": "JSON Lines",
+               ".parquet": "Parquet"}
 
+
+def read_text_file(path: Path) -> str:
+    """A UTF-8 text file (a BOM is dropped), or a LabError naming it."""
     try:
-        if path.suffix in (".csv", ".tsv"):
-            return pd.read_csv(path, sep="\t" if path.suffix == ".tsv" else ",", encoding="utf-8")
-        if path.suffix in (".json", ".jsonl"):
-            return pd.read_json(path, lines=path.suffix == ".jsonl" or _is_json_lines(path))
-        return pd.read_parquet(path)
+        return Path(path).read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
         raise LabError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start}); "
                        f"re-save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+    except OSError as error:
+        raise LabError(f"cannot read {path}: {error.strerror or error}") from None
 
 
-def _is_json_lines(path: Path) -> bool:
-    with open(path, encoding="utf-8") as handle:
-        return handle.read(1) != "["
+def one_line(error) -> str:
+    return " ".join(str(error).split())[:300]
+
+
+def _read_table(path: Path, columns: tuple[str, str]):
+    """A table file as a DataFrame with `columns`, or a LabError naming the file, the columns expected
+    and what was found. CSV/TSV: empty cells are missing, "NA" or "null" stay text; BOMs are dropped."""
+    import pandas as pd
+
+    expected = f"a table with columns {columns[0]!r} and {columns[1]!r}"
+    suffix = path.suffix.lower()
+    if path.is_dir():
+        raise LabError(f"{path} is a folder; expected {expected} ({', '.join(TABLE_SUFFIXES)})")
+    if suffix not in TABLE_SUFFIXES:
+        raise LabError(f"{path} is not a table file: expected {expected} in one of {', '.join(TABLE_SUFFIXES)}")
+    if path.stat().st_size == 0 or (suffix != ".parquet" and not read_text_file(path).strip()):
+        raise LabError(f"{path} is empty; expected {expected}, with a header row")
+    try:
+        if suffix in (".csv", ".tsv"):
+            frame = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", encoding="utf-8-sig",
+                                keep_default_na=False, na_values=[""])
+        elif suffix in (".json", ".jsonl"):
+            frame = pd.DataFrame.from_records(_read_json_records(path, suffix))
+        else:
+            frame = pd.read_parquet(path)
+    except UnicodeDecodeError:
+        read_text_file(path)            # raises the not-UTF-8 LabError
+        raise
+    except pd.errors.EmptyDataError:
+        raise LabError(f"{path} is empty; expected {expected}, with a header row") from None
+    except (pd.errors.ParserError, ValueError, OSError) as error:
+        raise LabError(f"{path} is not a readable {TABLE_KINDS[suffix]} file ({one_line(error)}); "
+                       f"expected {expected}") from None
+    frame.columns = [str(c).strip() for c in frame.columns]
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        found = list(frame.columns)
+        hint = "set text_column= / label_column= to your column names"
+        other = next((name for sep, name in ((";", "semicolon"), ("\t", "tab"), ("|", "pipe"), (",", "comma"))
+                      if len(found) == 1 and sep in found[0]), None)
+        if other:
+            fix = {"tab": "rename it to .tsv", "comma": "rename it to .csv"}.get(
+                other, "re-save it comma-separated (.csv) or tab-separated (.tsv)")
+            hint = f"the header looks {other}-separated, but a {suffix} file is read as {TABLE_KINDS[suffix]}: {fix}"
+        raise LabError(f"{path} has no column {missing[0]!r}: expected columns {columns[0]!r} and {columns[1]!r}, "
+                       f"found {found}; {hint}")
+    return frame
+
+
+def _read_json_records(path: Path, suffix: str) -> list[dict]:
+    """A JSON array of objects, or JSON Lines (one object per line; blank lines skipped)."""
+    text = read_text_file(path)
+    if suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise LabError(f"{path} is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}; "
+                           f"expected an array of objects or one object per line") from None
+    else:
+        records = []
+        for number, line in enumerate(text.split("\n"), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise LabError(f"{path} line {number} is not valid JSON ({error.msg}, column {error.colno}); "
+                                   f"expected one JSON object per line (JSON Lines)") from None
+    bad = next((i for i, record in enumerate(records, 1) if not isinstance(record, dict)), None)
+    if bad is not None:
+        raise LabError(f"{path}: record {bad} is a JSON {type(records[bad - 1]).__name__}, not an object; "
+                       f"expected one object per row, e.g. {{\"text\": \"...\", \"label\": 0}}")
+    return records
 
 
 def _find_split_files(folder: Path) -> dict:
     found = {}
     for split, aliases in SPLIT_ALIASES.items():
-        for alias in aliases:
-            matches = [p for p in sorted(folder.iterdir()) if p.stem == alias and p.suffix in TABLE_SUFFIXES]
-            if matches:
-                found[split] = matches[0]
-                break
+        matches = [p for alias in aliases for p in sorted(folder.iterdir())
+                   if p.stem == alias and p.suffix.lower() in TABLE_SUFFIXES]
+        if len(matches) > 1:
+            raise LabError(f"{len(matches)} files for the {split} split in {folder}: "
+                           f"{', '.join(p.name for p in matches)}; keep one (which one to read is ambiguous)")
+        if matches:
+            found[split] = matches[0]
     return found
+
+
+def _is_missing(value) -> bool:
+    import pandas as pd
+
+    if isinstance(value, str):
+        return not value.strip()
+    return not isinstance(value, (list, tuple, dict, set, np.ndarray)) and bool(pd.isna(value))
+
+
+def _rows(numbers: list[int]) -> str:
+    shown = ", ".join(str(n) for n in numbers[:5])
+    return f"row{'s' if len(numbers) > 1 else ''} {shown}{', ...' if len(numbers) > 5 else ''}"
+
+
+def check_cells(values: list, source: str, column: str, kind: str) -> list:
+    """The cells of a text (`kind` "text") or label column, checked: missing, empty and nested values
+    (lists, objects) are refused naming their rows (1 = the first data row). Numbers in a text column
+    become text; whole-number float labels (1.0) become ints; label strings lose surrounding spaces."""
+    missing, nested, cleaned = [], [], []
+    for row, value in enumerate(values, 1):
+        if isinstance(value, (list, tuple, dict, set, np.ndarray)) or (kind == "text" and isinstance(value, bytes)):
+            nested.append(row)
+        elif _is_missing(value):
+            missing.append(row)
+        elif isinstance(value, np.generic):
+            value = value.item()
+        if isinstance(value, float) and kind == "label" and value.is_integer():
+            value = int(value)
+        if isinstance(value, str) and kind == "label":
+            value = value.strip()
+        cleaned.append(str(value) if kind == "text" and not isinstance(value, str) else value)
+    if nested:
+        raise LabError(f"{source}: column {column!r} holds nested values (lists or objects) at {_rows(nested)}; "
+                       f"expected one {'string' if kind == 'text' else 'label (a string or an integer)'} per row")
+    if missing:
+        what = "empty or missing text" if kind == "text" else "missing labels"
+        raise LabError(f"{source}: {len(missing)} {what} in column {column!r}, {_rows(missing)} "
+                       f"(row 1 = the first data row); fill or delete those rows")
+    return cleaned
+
+
+def check_classes(labels, where: str, hint: str = "", names: list[str] | None = None) -> None:
+    """At least two classes in `labels` (raw labels, or ids into `names`): one class makes every score
+    meaningless (exercise 2 would even build a regression head)."""
+    from collections import Counter
+
+    counts = Counter(labels)
+    if len(counts) < 2:
+        label, n = next(iter(counts.items()), (None, 0))
+        found = f"only one class, {str(names[label] if names else label)!r} ({n} examples)" if n else "no examples"
+        raise LabError(f"{where} has {found}; a classifier needs at least two classes{hint}")
+
+
+def warn_small_classes(labels, names: list[str], where: str) -> None:
+    counts = np.bincount(np.asarray(labels, dtype=int), minlength=len(names))
+    small = [f"{names[i]!r} ({counts[i]})" for i in np.flatnonzero((counts > 0) & (counts < 2))]
+    if small:
+        print(f"warning: {len(small)} classes have a single example in {where}: {', '.join(small[:5])}; "
+              f"their scores will rest on one example", file=sys.stderr)
 
 
 def _labels_to_ids(raw: dict, hub_names: list | None) -> tuple[dict, list[str]]:
@@ -117,9 +250,23 @@ def stratified_indices(labels: list[int], size: int | float, seed: int) -> tuple
     return sorted(rest.tolist()), sorted(picked.tolist())
 
 
-def carve_split(labels, fraction: float, seed: int, dataset: str, split: str) -> tuple[list, list]:
-    """(rest, carved) rows of train when the data has no `split`: the one carving policy of every loader."""
-    rest, carved = stratified_indices(list(labels), fraction, seed)
+def carve_split(labels, fraction: float, seed: int, dataset: str, split: str,
+                names: list[str] | None = None) -> tuple[list, list]:
+    """(rest, carved) rows of train when the data has no `split`: the one carving policy of every loader.
+    A class with fewer than 2 examples, or one the carve would take wholly out of train, is refused."""
+    labels = [int(label) for label in labels]
+    counts = np.bincount(labels) if labels else np.zeros(0, dtype=int)
+    name = (lambda i: repr(names[i]) if names and i < len(names) else repr(i))
+    too_small = np.flatnonzero((counts > 0) & (counts < 2))
+    if len(too_small):
+        raise LabError(f"{dataset} has no {split} split and class {name(too_small[0])} has only "
+                       f"{counts[too_small[0]]} example in train ({len(too_small)} such classes); carving a stratified "
+                       f"{split} split needs at least 2 per class: add examples or give a {split} file")
+    rest, carved = stratified_indices(labels, fraction, seed)
+    lost = sorted(set(np.flatnonzero(counts)) - {labels[i] for i in rest})
+    if lost:
+        raise LabError(f"carving a {split} split from {dataset} would leave class {name(lost[0])} "
+                       f"({counts[lost[0]]} examples) with none in train; add examples or give a {split} file")
     print(f"{dataset} has no {split} split: carving {len(carved)} examples from train (stratified, seed {seed})")
     return rest, carved
 
@@ -150,7 +297,7 @@ def load_text_dataset(dataset: str, text_column: str = "text", label_column: str
     from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
     path = Path(dataset).expanduser()
-    hub_names = None
+    hub_names, sources = None, {}
     if path.is_dir() and (path / "rt-polarity.pos").exists():
         loaded = load_rt_polarity(path)
         raw, hub_names = loaded["splits"], loaded["label_names"]
@@ -159,29 +306,32 @@ def load_text_dataset(dataset: str, text_column: str = "text", label_column: str
         if "train" not in files:
             raise LabError(f"no train file in {path}: expected train.csv / train.json(l) / train.parquet "
                            f"(and optionally validation.*, test.*)")
+        sources = {split: str(file) for split, file in files.items()}
         raw = {}
         for split, file in files.items():
-            frame = _read_table(file)
-            missing = [c for c in (text_column, label_column) if c not in frame.columns]
-            if missing:
-                raise LabError(f"{file} has no column {missing[0]!r} (columns: {list(frame.columns)}); "
-                               f"set text_column= / label_column=")
-            raw[split] = {"text": frame[text_column].astype(str).tolist(),
-                          "label": frame[label_column].tolist()}
+            frame = _read_table(file, (text_column, label_column))
+            raw[split] = {"text": frame[text_column].tolist(), "label": frame[label_column].tolist()}
     else:
         raw, hub_names = _load_hub_text(dataset, text_column, label_column)
     for split, columns in raw.items():
         if not columns["text"]:
             raise LabError(f"the {split} split of {dataset} is empty")
+        source = sources.get(split, f"the {split} split of {dataset}")
+        columns["text"] = check_cells(columns["text"], source, text_column, "text")
+        columns["label"] = check_cells(columns["label"], source, label_column, "label")
+    check_classes(raw["train"]["label"], f"the train split of {sources.get('train', dataset)}")
     ids, names = _labels_to_ids({split: columns["label"] for split, columns in raw.items()}, hub_names)
     splits = {split: {"text": raw[split]["text"], "label": ids[split]} for split in raw}
     for split in ("test", "validation"):
         if split not in splits:
-            rest, carved = carve_split(splits["train"]["label"], validation_fraction, seed, dataset, split)
+            rest, carved = carve_split(splits["train"]["label"], validation_fraction, seed, dataset, split, names)
             splits[split], splits["train"] = _select(splits["train"], carved), _select(splits["train"], rest)
     for split in SPLITS:
         limit = max_train_samples if split == "train" else max_eval_samples
         splits[split] = _select(splits[split], subsample_rows(splits[split]["label"], limit, seed, split))
+    check_classes(splits["train"]["label"], f"the train split of {dataset} after max_train_samples={max_train_samples}",
+                  f"; use max_train_samples >= {len(names)} (one per class)", names)
+    warn_small_classes(splits["train"]["label"], names, f"the train split of {dataset}")
     features = Features({"text": Value("string"), "label": ClassLabel(names=names)})
     return DatasetDict({split: Dataset.from_dict(splits[split], features=features) for split in SPLITS})
 
@@ -206,245 +356,21 @@ def _load_hub_text(dataset: str, text_column: str, label_column: str):
     return raw, hub_names
 
 
-IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+IMAGE_NAMES = ("load_image_dataset", "hub_image_splits", "readable_class_names", "read_wordnet_words",
+               "read_release_layout", "read_image_folder", "to_rgb", "open_rgb", "image_id", "IMAGE_SUFFIXES")
 
 
-WORDNET_ID = re.compile(r"^n\d{8}$")
+def load_image_dataset(*args, **kwargs):
+    """Exercise 3's image dataset: see images.load_image_dataset (the same arguments)."""
+    import images
+
+    return images.load_image_dataset(*args, **kwargs)
 
 
-WORDS_FILE = "data/tiny-imagenet-200/words.txt"
+def __getattr__(name: str):
+    """The image readers moved to images.py; `data.<name>` still finds them."""
+    if name in IMAGE_NAMES:
+        import images
 
-
-def read_wordnet_words(words_file: Path) -> dict:
-    """wnid -> comma-separated synonyms, from the release's words.txt (`wnid<TAB>names`)."""
-    words = {}
-    for line in Path(words_file).read_text(encoding="utf-8").splitlines():
-        wnid, _, names = line.partition("\t")
-        words[wnid.strip()] = names.strip()
-    return words
-
-
-def readable_class_names(raw_names: list[str], style: str = "first", words_file: Path | None = None) -> list[str]:
-    """Unique, readable names for prompts.
-
-    `raw_names` are WordNet ids or folder names. `style`: "first" (first WordNet synonym),
-    "all" (every synonym, as in words.txt), or the path of a JSON file {raw name: readable name}
-    (classes it leaves out fall back to "first"). Folder names lose their underscores.
-    """
-    custom = {}
-    if style not in ("first", "all"):
-        custom_file = Path(style).expanduser()
-        if not custom_file.is_file():
-            raise LabError(f"class_names must be 'first', 'all' or a JSON file of names; {style!r} is none of these")
-        custom = json.loads(custom_file.read_text(encoding="utf-8"))
-    words = read_wordnet_words(words_file) if words_file and Path(words_file).is_file() else {}
-    names = []
-    for raw in raw_names:
-        if raw in custom:
-            names.append(str(custom[raw]))
-        elif raw in words:
-            names.append(words[raw] if style == "all" else words[raw].split(",")[0].strip())
-        else:
-            names.append(raw.replace("_", " "))
-    untranslated = [raw for raw, name in zip(raw_names, names) if WORDNET_ID.match(name)]
-    if untranslated:
-        print(f"warning: no readable name for {len(untranslated)} WordNet ids (e.g. {untranslated[0]}); "
-              f"prompts will use the ids. Point to a words.txt or set class_names=<names.json>")
-    counts = {}
-    for name in names:
-        counts[name] = counts.get(name, 0) + 1
-    # two classes with one name would get one prompt: keep them apart by their raw id
-    return [f"{name} ({raw})" if counts[name] > 1 else name for name, raw in zip(names, raw_names)]
-
-
-def _image_files(folder: Path) -> list[str]:
-    return sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-
-
-def read_release_layout(folder: Path) -> tuple[dict, list[str]]:
-    """Tiny ImageNet as released: classes from wnids.txt (index = line), train/<wnid>/images/*,
-    val/images/* labelled by val/val_annotations.txt. Returns ({split: (paths, labels)}, wnids)."""
-    wnids = (folder / "wnids.txt").read_text(encoding="utf-8").split()
-    index = {wnid: i for i, wnid in enumerate(wnids)}
-    paths, labels = [], []
-    for wnid in wnids:
-        files = _image_files(folder / "train" / wnid)
-        paths += files
-        labels += [index[wnid]] * len(files)
-    splits = {"train": (paths, labels)}
-    annotations = folder / "val" / "val_annotations.txt"
-    if annotations.exists():
-        val_paths, val_labels = [], []
-        for line in annotations.read_text(encoding="utf-8").splitlines():
-            filename, wnid = line.split("\t")[:2]
-            if wnid not in index:
-                raise LabError(f"{annotations} labels {filename} with {wnid}, which is not in wnids.txt")
-            val_paths.append(str(folder / "val" / "images" / filename))
-            val_labels.append(index[wnid])
-        splits["validation"] = (val_paths, val_labels)
-    return splits, wnids
-
-
-def read_image_folder(folder: Path) -> tuple[dict, list[str]]:
-    """One sub-folder per class, either directly in `folder` (one split) or inside train/ and
-    val/ (or validation/, valid/). Classes come from the train folders, sorted."""
-    split_dirs = {"train": folder}
-    if (folder / "train").is_dir():
-        split_dirs = {"train": folder / "train"}
-        found = [folder / alias for alias in SPLIT_ALIASES["validation"] if (folder / alias).is_dir()]
-        if found:
-            split_dirs["validation"] = found[0]
-    classes = sorted(p.name for p in split_dirs["train"].iterdir() if p.is_dir())
-    if not classes:
-        raise LabError(f"{split_dirs['train']} has no class sub-folders; an image dataset folder needs one "
-                       f"folder of images per class (or the Tiny ImageNet release layout)")
-    splits = {}
-    for split, split_dir in split_dirs.items():
-        unknown = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and p.name not in classes)
-        if unknown:
-            raise LabError(f"classes {unknown[:5]} in {split_dir} have no folder in {split_dirs['train']}")
-        paths, labels = [], []
-        for label, name in enumerate(classes):
-            files = _image_files(split_dir / name) if (split_dir / name).is_dir() else []
-            paths += files
-            labels += [label] * len(files)
-        splits[split] = (paths, labels)
-    return splits, classes
-
-
-def _select_rows(labels, max_classes: int | None, max_samples: int | None, seed: int, split: str) -> np.ndarray:
-    """Rows of the first `max_classes` classes, then a stratified, seeded subsample of them."""
-    labels = np.asarray(labels)
-    rows = np.arange(len(labels)) if max_classes is None else np.flatnonzero(labels < max_classes)
-    return rows[subsample_rows(labels[rows].tolist(), max_samples, seed, split)]
-
-
-def load_image_dataset(dataset: str, seed: int = 0, max_train_samples: int | None = None,
-                       max_eval_samples: int | None = None, max_classes: int | None = None,
-                       class_names: str = "first", validation_fraction: float = 0.1):
-    """A DatasetDict with train and validation splits; columns `image` (a file path, or the Hub's
-    undecoded {bytes, path}) and `label` (ClassLabel with readable names). No image is opened here.
-
-    `dataset`: the Tiny ImageNet release folder (wnids.txt, words.txt, train/, val/), an ImageFolder
-    (class sub-folders, optionally under train/ and val/), or a Hub id. Without a validation split,
-    one is carved from train (stratified, seeded). `max_classes` keeps the first N classes.
-    """
-    from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
-
-    path = Path(dataset).expanduser()
-    if not path.exists() and (dataset.startswith((".", "/", "~")) or dataset.count("/") > 1):
-        raise LabError(f"dataset path {dataset!r} does not exist")
-    if not path.exists():
-        return _load_hub_images(dataset, seed, max_train_samples, max_eval_samples, max_classes, class_names,
-                                validation_fraction)
-    if not path.is_dir():
-        raise LabError(f"dataset {dataset!r} is a file; give a folder (Tiny ImageNet release layout or one "
-                       f"sub-folder of images per class) or a Hub id")
-    if (path / "wnids.txt").exists():
-        splits, raw_names = read_release_layout(path)
-    else:
-        splits, raw_names = read_image_folder(path)
-    words_file = path / "words.txt" if (path / "words.txt").exists() else utils.shared_dir() / WORDS_FILE
-    if "validation" not in splits:
-        paths, labels = splits["train"]
-        rest, carved = carve_split(labels, validation_fraction, seed, dataset, "validation")
-        splits = {"train": ([paths[i] for i in rest], [labels[i] for i in rest]),
-                  "validation": ([paths[i] for i in carved], [labels[i] for i in carved])}
-    if max_classes is not None:
-        raw_names = raw_names[:max_classes]
-    names = readable_class_names(raw_names, class_names, words_file)
-    features = Features({"image": Value("string"), "label": ClassLabel(names=names)})
-    data = {}
-    for split, (paths, labels) in splits.items():
-        if not paths:
-            raise LabError(f"the {split} split of {dataset} has no images ({', '.join(IMAGE_SUFFIXES)})")
-        limit = max_train_samples if split == "train" else max_eval_samples
-        rows = _select_rows(labels, max_classes, limit, seed, split)
-        data[split] = Dataset.from_dict({"image": [paths[i] for i in rows], "label": [labels[i] for i in rows]},
-                                        features=features)
-    return DatasetDict(data)
-
-
-def hub_image_splits(loaded, seed: int = 0, max_train_samples: int | None = None,
-                     max_eval_samples: int | None = None, max_classes: int | None = None,
-                     class_names: str = "first", validation_fraction: float = 0.1, words_file: Path | None = None):
-    """A Hub DatasetDict (an Image column and a ClassLabel column) in this module's format: image
-    bytes stay undecoded in the Hub's own cache; only row selections and feature types change."""
-    from datasets import ClassLabel, DatasetDict, Image
-
-    split_names = {}
-    for split in ("train", "validation"):
-        found = [alias for alias in SPLIT_ALIASES[split] if alias in loaded]
-        if found:
-            split_names[split] = found[0]
-    if "train" not in split_names:
-        raise LabError(f"the dataset has no train split (splits: {list(loaded)})")
-    train = loaded[split_names["train"]]
-    image_column = next((c for c, f in train.features.items() if isinstance(f, Image)), None)
-    label_column = next((c for c, f in train.features.items() if isinstance(f, ClassLabel)), None)
-    if image_column is None or label_column is None:
-        raise LabError(f"the dataset needs an image column and a class-label column; it has {dict(train.features)}")
-    raw_names = train.features[label_column].names
-    data = {split: loaded[name] for split, name in split_names.items()}
-    if "validation" not in data:
-        rest, carved = carve_split(train[label_column], validation_fraction, seed, "the Hub dataset", "validation")
-        data = {"train": train.select(rest), "validation": train.select(carved)}
-    if max_classes is not None:
-        raw_names = raw_names[:max_classes]
-    label_feature = ClassLabel(names=readable_class_names(raw_names, class_names, words_file))
-    result = {}
-    for split, table in data.items():
-        limit = max_train_samples if split == "train" else max_eval_samples
-        rows = _select_rows(list(table[label_column]), max_classes, limit, seed, split)
-        table = table.select(rows).select_columns([image_column, label_column])
-        table = table.rename_columns({old: new for old, new in ((image_column, "image"), (label_column, "label"))
-                                      if old != new})
-        result[split] = table.cast_column("image", Image(decode=False)).cast_column("label", label_feature)
-    return DatasetDict(result)
-
-
-def _load_hub_images(dataset, seed, max_train_samples, max_eval_samples, max_classes, class_names, validation_fraction):
-    from datasets import load_dataset
-
-    source = hub.resolve_pretrained(dataset, "dataset", "dataset=<the Tiny ImageNet release folder or an "
-                                      "ImageFolder>, e.g. ../shared/data/tiny-imagenet-200")
-    # The Hub's Tiny ImageNet labels are WordNet ids without names: read them from a words.txt
-    words_file = utils.shared_dir() / WORDS_FILE
-    return hub_image_splits(load_dataset(source), seed, max_train_samples, max_eval_samples, max_classes,
-                            class_names, validation_fraction, words_file)
-
-
-def to_rgb(image):
-    """RGB for any PIL mode: grayscale and palette images are expanded; transparent pixels
-    (RGBA, LA, palette with transparency) are laid over white instead of showing garbage."""
-    from PIL import Image
-
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def open_rgb(item):
-    """A fully decoded RGB PIL image from a path, a Hub {bytes, path} dict or a PIL image."""
-    import io
-
-    from PIL import Image
-
-    if isinstance(item, dict):
-        item = io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]
-    if isinstance(item, Image.Image):
-        return to_rgb(item)
-    with Image.open(item) as image:
-        image.load()        # decode now, so a truncated file fails here and not in the model
-        return to_rgb(image)
-
-
-def image_id(item) -> str:
-    """A name for an image: its path, or a digest of its bytes when it has none."""
-    if isinstance(item, dict):
-        return item.get("path") or "sha1:" + hashlib.sha1(item["bytes"]).hexdigest()[:16]
-    return str(item)
+        return getattr(images, name)
+    raise AttributeError(f"module 'data' has no attribute {name!r}")

@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 import numpy as np  # noqa: E402
 
-import data  # noqa: E402
+import images  # noqa: E402
 
 
 def plot_confusion_matrix(matrix: np.ndarray, label_names: list[str], path: Path | None = None, title: str = ""):
@@ -109,7 +109,7 @@ def plot_sample_predictions(raw_dataset, before, after, names: list[str], path: 
         axis.axis("off")
     for axis, position in zip(axes.flat, picked):
         row, label, predicted = int(after.rows[position]), after.labels[position], after.predictions[position]
-        axis.imshow(data.open_rgb(raw_dataset[row]["image"]))
+        axis.imshow(images.open_rgb(raw_dataset[row]["image"]))
         axis.set_title(f"{names[label][:18]}\nzs: {names[zero_shot_by_row[row]][:16]}\nnow: {names[predicted][:16]}",
                        fontsize=7, color="tab:green" if predicted == label else "tab:red")
     figure.tight_layout()

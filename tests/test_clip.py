@@ -18,6 +18,7 @@ from PIL import Image
 
 from tools import build_tiny_clip
 import data
+import images
 import LoRA
 import clip
 import training
@@ -91,7 +92,7 @@ def test_release_layout_labels_names_and_rgb(tiny_imagenet_dir, tiny_clip):
     splits = data.load_image_dataset(str(tiny_imagenet_dir))
     names = splits["train"].features["label"].names
     wnids = (tiny_imagenet_dir / "wnids.txt").read_text().split()
-    words = data.read_wordnet_words(tiny_imagenet_dir / "words.txt")
+    words = images.read_wordnet_words(tiny_imagenet_dir / "words.txt")
     assert len(names) == 200 and len(splits["validation"]) == 10_000 and len(splits["train"]) == 10_000
     assert np.bincount(splits["validation"]["label"]).tolist() == [50] * 200
     # val labels come from val_annotations.txt, train labels from the folder, names from words.txt
@@ -104,7 +105,7 @@ def test_release_layout_labels_names_and_rgb(tiny_imagenet_dir, tiny_clip):
         assert f"/train/{wnids[item['label']]}/images/" in item["image"]
     # some images are grayscale on disk; every one reaches the model as 3 channels
     grayscale = next(path for path in splits["validation"]["image"][:2000] if Image.open(path).mode == "L")
-    assert data.open_rgb(grayscale).mode == "RGB"
+    assert images.open_rgb(grayscale).mode == "RGB"
     row = splits["validation"]["image"].index(grayscale)
     lazy = splits["validation"].with_transform(clip.ImageTransform(tiny_clip[2]))
     assert lazy[row]["pixel_values"].shape == (3, 32, 32)
@@ -118,16 +119,16 @@ def test_max_classes_subsampling_and_name_styles(tiny_imagenet_dir, tmp_path):
     assert splits["train"].features["label"].names[3] == "rocking chair, rocker"
     names_file = tmp_path / "names.json"
     names_file.write_text(json.dumps({"n02124075": "cat"}))
-    assert data.readable_class_names(["n02124075", "n04067472"], str(names_file),
+    assert images.readable_class_names(["n02124075", "n04067472"], str(names_file),
                                      tiny_imagenet_dir / "words.txt") == ["cat", "reel"]
     # two ids with one readable name stay apart; folder names lose underscores
-    assert data.readable_class_names(["a", "b_c", "d"], "first", None) == ["a", "b c", "d"]
+    assert images.readable_class_names(["a", "b_c", "d"], "first", None) == ["a", "b c", "d"]
     words = tmp_path / "words.txt"
     words.write_text("n00000001\tbass, fish\nn00000002\tbass, guitar")
-    assert data.readable_class_names(["n00000001", "n00000002"], "first", words) == \
+    assert images.readable_class_names(["n00000001", "n00000002"], "first", words) == \
         ["bass (n00000001)", "bass (n00000002)"]
     with pytest.raises(LabError, match="class_names"):
-        data.readable_class_names(["a"], "nonsense")
+        images.readable_class_names(["a"], "nonsense")
 
 
 def test_image_folder_with_and_without_validation(tmp_path):
@@ -165,7 +166,7 @@ def test_hub_format_keeps_images_undecoded_and_maps_wordnet_ids(tmp_path, tiny_c
                           "valid": Dataset.from_dict(table, features=features)})
     words = tmp_path / "words.txt"
     words.write_text("n00000001\tgoldfish, Carassius auratus\nn00000002\tsnail")
-    splits = data.hub_image_splits(loaded, max_eval_samples=4, words_file=words)
+    splits = images.hub_image_splits(loaded, max_eval_samples=4, words_file=words)
     assert splits["validation"].features["label"].names == ["goldfish", "snail"]
     assert len(splits["validation"]) == 4 and isinstance(splits["train"][0]["image"], dict)
     lazy = splits["train"].with_transform(clip.ImageTransform(tiny_clip[2]))
@@ -205,9 +206,9 @@ def test_training_crops_depend_only_on_seed_epoch_and_image(tiny_imagenet_dir, t
 
 def test_image_modes_converted_and_bad_files_skipped_or_fatal(tmp_path, tiny_clip):
     transparent = save_image(tmp_path / "rgba.png", "RGBA")
-    assert data.open_rgb(str(transparent)).getpixel((0, 0)) == (255, 255, 255)   # laid over white
-    assert data.open_rgb(str(save_image(tmp_path / "p.png", "P"))).mode == "RGB"
-    assert data.open_rgb(str(save_image(tmp_path / "l.jpg", "L"))).mode == "RGB"
+    assert images.open_rgb(str(transparent)).getpixel((0, 0)) == (255, 255, 255)   # laid over white
+    assert images.open_rgb(str(save_image(tmp_path / "p.png", "P"))).mode == "RGB"
+    assert images.open_rgb(str(save_image(tmp_path / "l.jpg", "L"))).mode == "RGB"
     truncated = write_truncated_jpeg(tmp_path / "cut.jpg")
     not_an_image = tmp_path / "text.jpg"
     not_an_image.write_text("hello")
