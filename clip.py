@@ -368,8 +368,9 @@ class CLIPTrainer(training.LabTrainer):
         """Zero-shot classification of the eval set with a head built from the text tower as it is now."""
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         classifier = build_zero_shot_classifier(self.model, self.processing_class, self.class_names, self.templates)
-        result = evaluate_zero_shot(self.model, classifier, self.class_names, dataset, self.data_collator, self.args.per_device_eval_batch_size,
-                                    self.args.dataloader_num_workers, desc=f"zero-shot eval (step {self.state.global_step})")
+        result = evaluate_zero_shot(self.model, classifier, self.class_names, dataset, self.data_collator,
+                                    self.args.per_device_eval_batch_size, self.args.dataloader_num_workers,
+                                    desc=f"zero-shot eval (step {self.state.global_step})")
         metrics = {f"{metric_key_prefix}_{name}": value for name, value in result.metrics.items()}
         metrics[f"{metric_key_prefix}_images_per_second"] = result.images_per_second
         self.log(metrics)

@@ -1,8 +1,8 @@
 """Every dataset the exercises read, and the one place data is validated: loaders, splits, labels.
 
 Text (exercises 1 and 2): a Hub id, the original rt-polarity folder, or train/validation/test tables.
-Images (exercise 3): `load_image_dataset` here, its readers in images.py. Splits, stratified subsamples,
-label ids and the checks on them (classes, labels, cells) follow one policy for both.
+Images (exercise 3) are read by images.py, through the same split, subsample and class checks defined here,
+so splits, stratified subsamples, label ids and their checks follow one policy for both.
 """
 from __future__ import annotations
 
@@ -354,23 +354,3 @@ def _load_hub_text(dataset: str, text_column: str, label_column: str):
                 raw[split] = {"text": columns[text_column], "label": columns[label_column]}
                 break
     return raw, hub_names
-
-
-IMAGE_NAMES = ("load_image_dataset", "hub_image_splits", "readable_class_names", "read_wordnet_words",
-               "read_release_layout", "read_image_folder", "to_rgb", "open_rgb", "image_id", "IMAGE_SUFFIXES")
-
-
-def load_image_dataset(*args, **kwargs):
-    """Exercise 3's image dataset: see images.load_image_dataset (the same arguments)."""
-    import images
-
-    return images.load_image_dataset(*args, **kwargs)
-
-
-def __getattr__(name: str):
-    """The image readers moved to images.py; `data.<name>` still finds them."""
-    if name in IMAGE_NAMES:
-        import images
-
-        return getattr(images, name)
-    raise AttributeError(f"module 'data' has no attribute {name!r}")

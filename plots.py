@@ -1,4 +1,5 @@
-"""Every figure a run saves and logs: confusion matrices, training curves, per-class changes, sample predictions.
+"""Every figure the project draws: confusion matrices, training curves, per-class changes, sample predictions,
+and the report's comparison and sweep plots.
 
 Figures are written to files and logged, never shown: this is the one place the matplotlib backend is chosen.
 """
@@ -115,3 +116,80 @@ def plot_sample_predictions(raw_dataset, before, after, names: list[str], path: 
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     return figure
+
+
+def _as_number(text: str) -> float | None:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def plot_ablation(sweep: dict, rows: list[dict], path: Path) -> Path | None:
+    """Accuracy against the first swept key, one line per combination of the others."""
+
+
+    axes = list(sweep["axes"])
+    x_key, others = axes[0], axes[1:]
+    splits = [split for split in ("validation", "test") if any(row[split] is not None for row in rows)]
+    if not splits:
+        return None
+    x_values = sweep["axes"][x_key]
+    numeric = all(_as_number(value) is not None for value in x_values)
+    figure, panels = plt.subplots(1, len(splits), figsize=(5.5 * len(splits), 4), squeeze=False)
+    for panel, split in zip(panels[0], splits):
+        groups = {}
+        for row in rows:
+            label = ", ".join(f"{key}={row['values'].get(key)}" for key in others) or split
+            groups.setdefault(label, []).append(row)
+        for label, members in groups.items():
+            points = [(row["values"][x_key], row[split]) for row in members if row[split] is not None]
+            if numeric:
+                points.sort(key=lambda point: _as_number(point[0]))
+                xs = [_as_number(point[0]) for point in points]
+            else:
+                xs = [x_values.index(point[0]) for point in points]
+            panel.plot(xs, [point[1] for point in points], "o-", label=label)
+            for x, (_, accuracy) in zip(xs, points):   # the values themselves: the axis spans all of 0..1
+                panel.annotate(f"{accuracy:.3f}", (x, accuracy), textcoords="offset points", xytext=(0, 6),
+                               ha="center", fontsize=7)
+        if numeric:
+            numbers = [_as_number(value) for value in x_values]
+            if min(numbers) > 0 and max(numbers) / min(numbers) >= 10:
+                panel.set_xscale("log")
+        else:
+            panel.set_xticks(range(len(x_values)), x_values, rotation=20)
+        panel.set_xlabel(x_key)
+        panel.set_ylabel(f"{split} accuracy")
+        panel.set_ylim(0, 1.05)     # from zero: a zoomed axis makes 0.78 vs 0.79 look like a landslide
+        panel.grid(alpha=0.3)
+        if len(groups) > 1:
+            panel.legend(fontsize=8)
+    figure.suptitle(f"sweep {sweep['name']}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def plot_comparison(rows: list[dict], path: Path) -> Path | None:
+
+
+    rows = [row for row in rows if row["accuracy"] is not None]
+    if not rows:
+        return None
+    colors = {"exercise_1": "tab:blue", "exercise_2": "tab:orange", "exercise_3": "tab:green"}
+    figure, axis = plt.subplots(figsize=(10, 0.45 * len(rows) + 1.2))
+    labels = [f"{row['approach']} ({row['model']}, {row['data'].split('/')[-1]}, {row['split']})" for row in rows]
+    axis.barh(range(len(rows)), [row["accuracy"] for row in rows],
+              color=[colors.get(row["exercise"], "tab:gray") for row in rows])
+    for index, row in enumerate(rows):
+        axis.text(row["accuracy"], index, f" {row['accuracy']:.3f}", va="center", fontsize=8)
+    axis.set_yticks(range(len(rows)), labels, fontsize=8)
+    axis.set_xlim(0, 1.08)
+    axis.set_xlabel("accuracy")
+    axis.set_title("best run per approach (chosen on validation)", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path

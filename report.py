@@ -15,6 +15,7 @@ import os
 import sys
 from pathlib import Path
 
+import plots
 from evaluate import RESULTS_FILE
 from utils import LabError, _flatten, run_cli
 
@@ -313,83 +314,6 @@ def ablation_table(sweep: dict, rows: list[dict]) -> str:
     return markdown_table(headers, body)
 
 
-def _as_number(text: str) -> float | None:
-    try:
-        return float(text)
-    except (TypeError, ValueError):
-        return None
-
-
-def plot_ablation(sweep: dict, rows: list[dict], path: Path) -> Path | None:
-    """Accuracy against the first swept key, one line per combination of the others."""
-    from plots import plt
-
-    axes = list(sweep["axes"])
-    x_key, others = axes[0], axes[1:]
-    splits = [split for split in ("validation", "test") if any(row[split] is not None for row in rows)]
-    if not splits:
-        return None
-    x_values = sweep["axes"][x_key]
-    numeric = all(_as_number(value) is not None for value in x_values)
-    figure, panels = plt.subplots(1, len(splits), figsize=(5.5 * len(splits), 4), squeeze=False)
-    for panel, split in zip(panels[0], splits):
-        groups = {}
-        for row in rows:
-            label = ", ".join(f"{key}={row['values'].get(key)}" for key in others) or split
-            groups.setdefault(label, []).append(row)
-        for label, members in groups.items():
-            points = [(row["values"][x_key], row[split]) for row in members if row[split] is not None]
-            if numeric:
-                points.sort(key=lambda point: _as_number(point[0]))
-                xs = [_as_number(point[0]) for point in points]
-            else:
-                xs = [x_values.index(point[0]) for point in points]
-            panel.plot(xs, [point[1] for point in points], "o-", label=label)
-            for x, (_, accuracy) in zip(xs, points):   # the values themselves: the axis spans all of 0..1
-                panel.annotate(f"{accuracy:.3f}", (x, accuracy), textcoords="offset points", xytext=(0, 6),
-                               ha="center", fontsize=7)
-        if numeric:
-            numbers = [_as_number(value) for value in x_values]
-            if min(numbers) > 0 and max(numbers) / min(numbers) >= 10:
-                panel.set_xscale("log")
-        else:
-            panel.set_xticks(range(len(x_values)), x_values, rotation=20)
-        panel.set_xlabel(x_key)
-        panel.set_ylabel(f"{split} accuracy")
-        panel.set_ylim(0, 1.05)     # from zero: a zoomed axis makes 0.78 vs 0.79 look like a landslide
-        panel.grid(alpha=0.3)
-        if len(groups) > 1:
-            panel.legend(fontsize=8)
-    figure.suptitle(f"sweep {sweep['name']}")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
-
-
-def plot_comparison(rows: list[dict], path: Path) -> Path | None:
-    from plots import plt
-
-    rows = [row for row in rows if row["accuracy"] is not None]
-    if not rows:
-        return None
-    colors = {"exercise_1": "tab:blue", "exercise_2": "tab:orange", "exercise_3": "tab:green"}
-    figure, axis = plt.subplots(figsize=(10, 0.45 * len(rows) + 1.2))
-    labels = [f"{row['approach']} ({row['model']}, {row['data'].split('/')[-1]}, {row['split']})" for row in rows]
-    axis.barh(range(len(rows)), [row["accuracy"] for row in rows],
-              color=[colors.get(row["exercise"], "tab:gray") for row in rows])
-    for index, row in enumerate(rows):
-        axis.text(row["accuracy"], index, f" {row['accuracy']:.3f}", va="center", fontsize=8)
-    axis.set_yticks(range(len(rows)), labels, fontsize=8)
-    axis.set_xlim(0, 1.08)
-    axis.set_xlabel("accuracy")
-    axis.set_title("best run per approach (chosen on validation)", fontsize=10)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
-
-
 # ---------------------------------------------------------------------------------------------
 # The report
 # ---------------------------------------------------------------------------------------------
@@ -414,7 +338,7 @@ def build_report(folder: Path) -> tuple[str, list[Path]]:
                      "Best run per approach, model and data, chosen by validation accuracy and scored on test "
                      "(validation where there is no test split). `vs. baseline`: fine-tuned minus pretrained, "
                      "LoRA minus zero-shot, within the same run.", "", comparison_table(comparison)]
-        image = plot_comparison(comparison, folder / "comparison.png")
+        image = plots.plot_comparison(comparison, folder / "comparison.png")
         if image:
             images.append(image)
             sections += ["", f"![comparison]({image.name})"]
@@ -427,7 +351,7 @@ def build_report(folder: Path) -> tuple[str, list[Path]]:
                      + (", ".join(f"`{k}={v}`" for k, v in sweep.get("fixed", {}).items()) or "nothing")
                      + ". Scores are the final stage's; best validation accuracy in bold.", "",
                      ablation_table(sweep, rows)]
-        image = plot_ablation(sweep, rows, folder / f"ablation-{sweep['name']}.png")
+        image = plots.plot_ablation(sweep, rows, folder / f"ablation-{sweep['name']}.png")
         if image:
             images.append(image)
             sections += ["", f"![ablation {sweep['name']}]({image.name})"]

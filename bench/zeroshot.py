@@ -27,7 +27,7 @@ from bench import common
 common.offline_env()
 from tools import build_tiny_clip  # noqa: E402
 import LoRA  # noqa: E402
-import data  # noqa: E402
+import images  # noqa: E402
 import clip  # noqa: E402
 import exercise_3  # noqa: E402
 import torch  # noqa: E402
@@ -85,7 +85,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as scratch:
             model, tokenizer, image_processor = clip.load_clip(str(build_tiny_clip.build_tiny_clip(f"{scratch}/tiny-clip")))
     model.eval()
-    validation = data.load_image_dataset(args.dataset, seed=0, max_train_samples=1, max_eval_samples=n)["validation"]
+    validation = images.load_image_dataset(args.dataset, seed=0, max_train_samples=400, max_eval_samples=n)["validation"]
     class_names = validation.features["label"].names
     collator = clip.ImageTextCollator(tokenizer, class_names)
     lazy = validation.with_transform(clip.ImageTransform(image_processor))

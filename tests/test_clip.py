@@ -89,7 +89,7 @@ def batch_of(dataset, indices):
 # ---------------------------------------------------------------------------------------------
 
 def test_release_layout_labels_names_and_rgb(tiny_imagenet_dir, tiny_clip):
-    splits = data.load_image_dataset(str(tiny_imagenet_dir))
+    splits = images.load_image_dataset(str(tiny_imagenet_dir))
     names = splits["train"].features["label"].names
     wnids = (tiny_imagenet_dir / "wnids.txt").read_text().split()
     words = images.read_wordnet_words(tiny_imagenet_dir / "words.txt")
@@ -112,7 +112,7 @@ def test_release_layout_labels_names_and_rgb(tiny_imagenet_dir, tiny_clip):
 
 
 def test_max_classes_subsampling_and_name_styles(tiny_imagenet_dir, tmp_path):
-    splits = data.load_image_dataset(str(tiny_imagenet_dir), seed=1, max_classes=10, max_train_samples=100,
+    splits = images.load_image_dataset(str(tiny_imagenet_dir), seed=1, max_classes=10, max_train_samples=100,
                                    max_eval_samples=40, class_names="all")
     assert len(splits["train"]) == 100 and len(splits["validation"]) == 40
     assert set(splits["train"]["label"]) == set(range(10)) and max(splits["validation"]["label"]) < 10
@@ -132,7 +132,7 @@ def test_max_classes_subsampling_and_name_styles(tiny_imagenet_dir, tmp_path):
 
 
 def test_image_folder_with_and_without_validation(tmp_path):
-    splits = data.load_image_dataset(str(image_folder(tmp_path / "split")))
+    splits = images.load_image_dataset(str(image_folder(tmp_path / "split")))
     assert splits["train"].features["label"].names == ["golden retriever", "tabby cat", "zebra"]
     assert (len(splits["train"]), len(splits["validation"])) == (9, 6)
     assert all("/val/" in path for path in splits["validation"]["image"])
@@ -140,15 +140,15 @@ def test_image_folder_with_and_without_validation(tmp_path):
     for name in ("ant", "bee"):
         for i in range(10):
             save_image(flat / name / f"{i}.jpg")
-    splits = data.load_image_dataset(str(flat), seed=0)
+    splits = images.load_image_dataset(str(flat), seed=0)
     assert (len(splits["train"]), len(splits["validation"])) == (18, 2)
     assert sorted(splits["validation"]["label"]) == [0, 1]              # carved stratified
     assert not set(splits["train"]["image"]) & set(splits["validation"]["image"])
     with pytest.raises(LabError, match="does not exist"):
-        data.load_image_dataset(str(tmp_path / "missing"))
+        images.load_image_dataset(str(tmp_path / "missing"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(LabError, match="no class sub-folders"):
-        data.load_image_dataset(str(tmp_path / "empty"))
+        images.load_image_dataset(str(tmp_path / "empty"))
 
 
 def test_hub_format_keeps_images_undecoded_and_maps_wordnet_ids(tmp_path, tiny_clip):
@@ -180,7 +180,7 @@ def test_transforms_are_lazy_and_write_nothing(tiny_imagenet_dir, tiny_clip):
         calls.append(len(images))
         return tiny_clip[2](images=images, return_tensors=return_tensors)
 
-    splits = data.load_image_dataset(str(tiny_imagenet_dir), max_classes=2)
+    splits = images.load_image_dataset(str(tiny_imagenet_dir), max_classes=2)
     lazy = splits["validation"].with_transform(clip.ImageTransform(counting_processor))
     assert calls == []                                  # building the dataset preprocesses nothing
     assert lazy.cache_files == [] and set(splits["validation"].features) == {"image", "label"}
@@ -192,7 +192,7 @@ def test_transforms_are_lazy_and_write_nothing(tiny_imagenet_dir, tiny_clip):
 
 
 def test_training_crops_depend_only_on_seed_epoch_and_image(tiny_imagenet_dir, tiny_clip):
-    splits = data.load_image_dataset(str(tiny_imagenet_dir), max_classes=2, max_train_samples=4)["train"]
+    splits = images.load_image_dataset(str(tiny_imagenet_dir), max_classes=2, max_train_samples=4)["train"]
     transform = clip.ImageTransform(tiny_clip[2], augment_seed=0)
     lazy = splits.with_transform(transform)
     first = torch.stack([row["pixel_values"] for row in batch_of(lazy, range(4))])
@@ -226,7 +226,7 @@ def test_image_modes_converted_and_bad_files_skipped_or_fatal(tmp_path, tiny_cli
 
 def test_collator_shapes_and_prompts(tiny_imagenet_dir, tiny_clip):
     model, tokenizer, image_processor = tiny_clip
-    splits = data.load_image_dataset(str(tiny_imagenet_dir), max_classes=4, max_eval_samples=8)
+    splits = images.load_image_dataset(str(tiny_imagenet_dir), max_classes=4, max_eval_samples=8)
     names = splits["validation"].features["label"].names
     lazy = splits["validation"].with_transform(clip.ImageTransform(image_processor))
     collator = clip.ImageTextCollator(tokenizer, names, "a photo of a {}.", clip.text_max_length(model))
@@ -339,7 +339,7 @@ def head_logits(model, tokenizer, names, pixels, templates=clip.TEMPLATES["singl
 
 def test_zero_shot_classifier_equals_manual_computation(tiny_imagenet_dir, tiny_clip):
     model, tokenizer, image_processor = tiny_clip
-    splits = data.load_image_dataset(str(tiny_imagenet_dir), max_classes=7, max_eval_samples=21)
+    splits = images.load_image_dataset(str(tiny_imagenet_dir), max_classes=7, max_eval_samples=21)
     names = splits["validation"].features["label"].names
     lazy = splits["validation"].with_transform(clip.ImageTransform(image_processor))
     templates = clip.TEMPLATES["ensemble"][:3]

@@ -50,12 +50,12 @@ def release_layout(root, wnids=("n00000001", "n00000002"), per_class=2, annotati
 def test_one_class_is_refused_in_folders_and_through_max_classes(tmp_path):
     one = image_folder(tmp_path / "one", classes=("zebra",))
     with pytest.raises(LabError, match=r"train split of .* has only one class, 'zebra' \(3 examples\)"):
-        data.load_image_dataset(str(one))
+        images.load_image_dataset(str(one))
     two = image_folder(tmp_path / "two", classes=("ant", "bee"))
     with pytest.raises(LabError, match=r"max_classes=1 leaves one class: zero-shot accuracy over one class is always 1.0"):
-        data.load_image_dataset(str(two), max_classes=1)
+        images.load_image_dataset(str(two), max_classes=1)
     with pytest.raises(LabError, match=r"max_train_samples=1 should be >= 2"):
-        data.load_image_dataset(str(two), max_train_samples=1)
+        images.load_image_dataset(str(two), max_train_samples=1)
 
 
 def test_hub_dataset_with_one_class_is_refused():
@@ -74,13 +74,13 @@ def test_class_folders_without_a_readable_image_are_refused(tmp_path):
         path.unlink()
     (root / "train" / "zebra" / "notes.txt").write_text("no pictures here")
     with pytest.raises(LabError, match=r"class folder .*train/zebra has no image files \(.jpeg"):
-        data.load_image_dataset(str(root))
+        images.load_image_dataset(str(root))
     write_truncated_jpeg(root / "train" / "zebra" / "cut.jpg")
     (root / "train" / "zebra" / "text.png").write_text("not a png")
     with pytest.raises(LabError, match=r"class folder .*train/zebra has no readable image: all 2 image files fail"):
-        data.load_image_dataset(str(root))
+        images.load_image_dataset(str(root))
     save_image(root / "train" / "zebra" / "ok.png")                 # one readable image is enough
-    assert len(data.load_image_dataset(str(root))["train"]) == 9
+    assert len(images.load_image_dataset(str(root))["train"]) == 9
 
 
 def test_carving_refuses_a_class_with_one_image(tmp_path):
@@ -89,7 +89,7 @@ def test_carving_refuses_a_class_with_one_image(tmp_path):
         for i in range(n):
             save_image(flat / name / f"{i}.png")
     with pytest.raises(LabError, match=r"no validation split and class 'bee' has only 1 example in train"):
-        data.load_image_dataset(str(flat))
+        images.load_image_dataset(str(flat))
 
 
 def test_validation_without_the_kept_classes_is_refused(tmp_path):
@@ -98,7 +98,7 @@ def test_validation_without_the_kept_classes_is_refused(tmp_path):
         for path in (root / "val" / name).iterdir():
             path.unlink()
     with pytest.raises(LabError, match=r"validation split of .* has no images of the 2 classes kept \(max_classes=2\)"):
-        data.load_image_dataset(str(root), max_classes=2)
+        images.load_image_dataset(str(root), max_classes=2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,7 +134,7 @@ def test_malformed_release_layouts_name_the_file_and_line(tmp_path, change, frag
     else:
         (root / "wnids.txt").write_bytes("n00000001\nn0000000\xe9\n".encode("latin-1"))
     with pytest.raises(LabError, match=fragment):
-        data.load_image_dataset(str(root))
+        images.load_image_dataset(str(root))
 
 
 def test_release_files_with_bom_and_windows_line_endings_parse(tmp_path):
@@ -143,7 +143,7 @@ def test_release_files_with_bom_and_windows_line_endings_parse(tmp_path):
     (root / "val" / "val_annotations.txt").write_bytes(
         b"\xef\xbb\xbfval_0.JPEG\tn00000001\t0\t0\t8\t8\r\nval_1.JPEG\tn00000002\t0\t0\t8\t8\r\n")
     (root / "words.txt").write_bytes(b"\xef\xbb\xbfn00000001\tgoldfish, carp\r\nn00000002\tsnail\r\n")
-    splits = data.load_image_dataset(str(root))
+    splits = images.load_image_dataset(str(root))
     assert splits["train"].features["label"].names == ["goldfish", "snail"]
     assert sorted(splits["validation"]["label"]) == [0, 1]
 
@@ -157,13 +157,13 @@ def test_release_files_with_bom_and_windows_line_endings_parse(tmp_path):
 def test_class_name_files_that_are_not_an_id_to_name_object_are_refused(tmp_path, content, fragment):
     (tmp_path / "names.json").write_text(content)
     with pytest.raises(LabError, match=fragment):
-        data.load_image_dataset(str(image_folder(tmp_path / "d", classes=("ant", "bee"))),
+        images.load_image_dataset(str(image_folder(tmp_path / "d", classes=("ant", "bee"))),
                                 class_names=str(tmp_path / "names.json"))
 
 
 def test_class_name_file_matching_no_class_is_warned_about(tmp_path, capsys):
     (tmp_path / "names.json").write_text('{"n01443537": "goldfish"}')
-    splits = data.load_image_dataset(str(image_folder(tmp_path / "d", classes=("ant", "bee"))),
+    splits = images.load_image_dataset(str(image_folder(tmp_path / "d", classes=("ant", "bee"))),
                                      class_names=str(tmp_path / "names.json"))
     assert splits["train"].features["label"].names == ["ant", "bee"]
     assert "none of the 1 ids in" in capsys.readouterr().err
