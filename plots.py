@@ -173,8 +173,7 @@ def plot_ablation(sweep: dict, rows: list[dict], path: Path) -> Path | None:
 
 
 def plot_comparison(rows: list[dict], path: Path) -> Path | None:
-
-
+    """The report's best run per approach as bars of accuracy (0 to 1), coloured by exercise."""
     rows = [row for row in rows if row["accuracy"] is not None]
     if not rows:
         return None
