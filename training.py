@@ -142,18 +142,16 @@ CHOICES = {"lr_scheduler_type": ("linear", "cosine", "constant", "constant_with_
 POSITIVE = ("max_train_samples", "max_eval_samples", "learning_rate", "num_train_epochs", "max_steps", "batch_size",
             "eval_batch_size", "gradient_accumulation_steps", "eval_steps", "logging_steps", "save_total_limit",
             "lora.r", "lora.alpha", "lora.learning_rate")
+NON_NEGATIVE = ("weight_decay", "warmup", "max_grad_norm")    # >= 0
+FRACTIONS = ("lora.dropout",)                                  # in [0, 1)
+INTEGERS = ("max_train_samples", "max_eval_samples", "max_steps")  # whole numbers (their default is None)
 
 
 def check_config(config: dict, device: str) -> None:
-    """The checks of the shared Trainer keys that parse_config's `positive` cannot express."""
+    """The checks of the shared Trainer keys that parse_config's ranges cannot express."""
     trainer_precision(config["mixed_precision"], device)
     utils.check_run_name(config["run_name"])
     utils.check_output_dir(config["output_dir"])  # before any data or model is loaded
-    for key in ("weight_decay", "warmup", "max_grad_norm"):
-        if config[key] < 0:
-            raise LabError(f"{key!r} must be >= 0, got {config[key]!r}")
-    if not 0 <= config["lora"]["dropout"] < 1:
-        raise LabError(f"'lora.dropout' must be in [0, 1), got {config['lora']['dropout']!r}")
     if config["resume"] and not config["run_name"]:
         raise LabError("resume=True needs run_name=<the run to continue> (its folder under output_dir)")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import random
@@ -65,7 +66,10 @@ def parse_value(text: str, default):
             raise ValueError("expected an integer")
         return int(text)
     if isinstance(default, float):
-        return float(text)
+        value = float(text)
+        if not math.isfinite(value):
+            raise ValueError("expected a finite number")
+        return value
     if isinstance(default, (list, tuple)):
         items = [item.strip() for item in text.strip().strip("[]").split(",") if item.strip()]
         element_default = default[0] if default else ""
@@ -95,11 +99,14 @@ def format_config(config: dict, choices: dict | None = None) -> str:
 
 
 def parse_config(defaults: dict, argv: list[str], choices: dict | None = None,
-                 positive: tuple = (), script: str = "script.py") -> dict:
+                 positive: tuple = (), script: str = "script.py", *, non_negative: tuple = (),
+                 fractions: tuple = (), integers: tuple = ()) -> dict:
     """Return a deep copy of `defaults` with `key=value` overrides applied and validated.
 
     Nested sections are addressed with dots (`lora.r=16`). `choices` maps a key to its allowed
-    values; keys in `positive` must be > 0 when not None. Raises LabError naming the key.
+    values; keys in `positive` must be > 0, in `non_negative` >= 0, in `fractions` in [0, 1), each
+    when not None (for a list, each element); keys in `integers` (those whose default is None) must be
+    whole numbers. Floats are finite, and `seed` is in numpy's range. Raises LabError naming the key.
     `--help` / `-h` prints the config with defaults and exits 0.
     """
     choices = choices or {}
@@ -122,11 +129,7 @@ def parse_config(defaults: dict, argv: list[str], choices: dict | None = None,
         except ValueError as error:
             kind = type(default).__name__ if default is not None else "value"
             raise LabError(f"bad value {text!r} for {key!r} (a {kind}; default {default!r}): {error}")
-        *parents, leaf = key.split(".")
-        section = config
-        for parent in parents:
-            section = section[parent]
-        section[leaf] = value
+        _set(config, key, value)
     flat = _flatten(config)
     for key, allowed in choices.items():
         value = flat[key]
@@ -134,12 +137,34 @@ def parse_config(defaults: dict, argv: list[str], choices: dict | None = None,
         bad = [v for v in values if v not in allowed]
         if bad:
             raise LabError(f"bad value {value!r} for {key!r}; choose from {list(allowed)}")
-    for key in positive:
-        value = flat[key]
-        values = value if isinstance(value, list) else [value]
-        if any(v is not None and not v > 0 for v in values):
-            raise LabError(f"{key!r} must be > 0 (or None where allowed), got {value!r}")
+    rules = ((positive, "> 0", lambda v: v > 0), (non_negative, ">= 0", lambda v: v >= 0),
+             (fractions, "in [0, 1)", lambda v: 0 <= v < 1), (integers, "", lambda v: True),
+             (("seed",) if "seed" in flat else (), f"in [0, {2 ** 32 - 1}]", lambda v: 0 <= v < 2 ** 32))
+    for keys, rule, test in rules:
+        for key in keys:
+            _check_number(config, key, flat[key], flat_defaults[key] is None, key in integers, rule, test)
     return config
+
+
+def _check_number(config: dict, key: str, value, may_be_none: bool, whole: bool, rule: str, test) -> None:
+    """One range rule for one key (each element of a list); a whole number given as 1e3 becomes 1000."""
+    values = [v for v in (value if isinstance(value, list) else [value]) if v is not None]
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+           or (whole and v != int(v)) for v in values):
+        raise LabError(f"bad value {value!r} for {key!r}: expected a{' whole' if whole else ''} number"
+                       f"{' ' + rule if rule else ''}{' or none' if may_be_none else ''}")
+    if not all(test(v) for v in values):
+        raise LabError(f"{key!r} must be {rule}{' (or None)' if may_be_none else ''}, got {value!r}")
+    if whole and isinstance(value, float):
+        _set(config, key, int(value))
+
+
+def _set(config: dict, key: str, value) -> None:
+    """config[a][b] = value for the dotted key `a.b`."""
+    *parents, leaf = key.split(".")
+    for parent in parents:
+        config = config[parent]
+    config[leaf] = value
 
 
 def run_cli(main) -> None:
