@@ -15,6 +15,7 @@ import time
 import numpy as np
 
 import LoRA
+import cache
 import data
 import evaluate
 import hub
@@ -85,18 +86,19 @@ def main(argv: list[str] | None = None):
     # 4. one feature vector per text, cached on disk keyed by everything that changes it; texts are cut at
     #    max_length tokens, or at the model's own limit when that is lower
     features, labels, throughput = {}, {}, {}
-    model_key = utils.model_fingerprint(config["model_name"])
+    model_key = cache.model_fingerprint(config["model_name"])
     max_length = hub.usable_max_length(config["max_length"], tokenizer, model.config)
     with utils.timed(timing, "features"):
         for split, dataset in splits.items():
             texts = dataset["text"]
-            key = {"model": model_key, "texts": utils.texts_fingerprint(texts), "split": split,
+            key = {"model": model_key, "texts": cache.texts_fingerprint(texts), "split": split,
                    "pooling": config["pooling"], "max_length": max_length}
             began = time.perf_counter()
             compute = lambda: extract_features(model, tokenizer, texts, config["pooling"], max_length,
                                                      config["eval_batch_size"], device, desc=f"features {split}")
             if config["cache_features"]:
-                features[split], hit = utils.cached_array(run_dir.parent / "cache", key, compute)
+                features[split], hit = cache.cached_array(run_dir.parent / "cache", key, compute,
+                                                          rows=len(texts), dtype=np.float32)
             else:
                 features[split], hit = compute(), False
             if hit:

@@ -1,10 +1,9 @@
-"""Plumbing for every script: config and CLI, seeding and devices, run folders, loggers, the array cache.
+"""Plumbing for every script: config and CLI, seeding and devices, run folders, loggers, atomic writes.
 
 Nothing here knows about models, data or training; those live in hub.py, data.py and training.py.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -405,40 +404,20 @@ class RunLoggers:
 
 
 # ---------------------------------------------------------------------------------------------
-# An on-disk cache of arrays (exercise 1's features), keyed by everything that changes them
+# Files another run may read while this one writes them
 # ---------------------------------------------------------------------------------------------
 
 
-def model_fingerprint(model_name: str) -> str:
-    """Identity of a model for cache keys: the name, plus config and weight file sizes/times if local."""
-    path = Path(model_name).expanduser()
-    parts = [model_name]
-    if path.is_dir():
-        for file in sorted(path.iterdir()):
-            if file.suffix in (".json", ".safetensors", ".bin"):
-                stat = file.stat()
-                parts.append(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}")
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()
-
-
-def texts_fingerprint(texts: list[str]) -> str:
-    digest = hashlib.sha256()
-    for text in texts:
-        digest.update(text.encode("utf-8", "surrogatepass") + b"\0")
-    return digest.hexdigest()
-
-
-def cached_array(cache_dir: Path, key: dict, compute, name: str = "features") -> tuple[np.ndarray, bool]:
-    """Return (array, from_cache). The array is stored as safetensors under a hash of `key`."""
-    from safetensors.numpy import load_file, save_file
-
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    path = Path(cache_dir) / f"{name}-{digest}.safetensors"
-    if path.exists():
-        return load_file(str(path))[name], True
-    array = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({name: np.ascontiguousarray(array)}, str(tmp), metadata={"key": json.dumps(key, sort_keys=True)})
-    tmp.replace(path)
-    return array, False
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that no reader, in this run or another, ever sees a partial file: a temporary
+    file named for this process alone, in the same folder, is flushed to disk and then renamed over `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
+    try:
+        with open(tmp, "xb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
