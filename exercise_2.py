@@ -61,6 +61,7 @@ CONFIG = {
     "save_total_limit": 2,           # checkpoints kept; the best one always is
     "evaluate_pretrained": True,     # score the untrained model as the `pretrained` stage
     "resume": False,                 # continue run_name from its newest checkpoint
+    "resume_changes": False,         # resume even with settings that change training (the run's are in run_config.json)
     # LoRA: train low-rank adapters on the attention projections plus the classification head
     "lora": {
         "enabled": False,

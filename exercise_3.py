@@ -64,6 +64,7 @@ CONFIG = {
     "save_total_limit": 2,
     "dataloader_num_workers": 0,
     "resume": False,                 # continue run_name from its newest checkpoint
+    "resume_changes": False,         # resume even with settings that change training (the run's are in run_config.json)
     # LoRA: low-rank adapters on the attention projections of both towers; False trains every weight
     "lora": {
         "enabled": True,
