@@ -177,6 +177,17 @@ def test_cache_writes_are_atomic_and_private_to_each_writer(tmp_path, monkeypatc
     assert hit and np.array_equal(array, FEATURES) and entry(tmp_path)
 
 
+def test_temporary_files_of_killed_runs_are_cleaned_up(tmp_path):
+    import os
+
+    stale, fresh = tmp_path / ".features-x.safetensors.1-aa.tmp", tmp_path / ".features-y.safetensors.2-bb.tmp"
+    for path in (stale, fresh):
+        path.write_bytes(b"half")
+    os.utime(stale, (time.time() - 2 * cache.STALE_SECONDS,) * 2)
+    cache.cached_array(tmp_path, KEY, lambda: FEATURES)
+    assert not stale.exists() and fresh.exists(), "a fresh one may be another run's write in progress"
+
+
 def test_a_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
     import os
 
