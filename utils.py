@@ -148,6 +148,8 @@ def parse_config(defaults: dict, argv: list[str], choices: dict | None = None,
 def _check_number(config: dict, key: str, value, may_be_none: bool, whole: bool, rule: str, test) -> None:
     """One range rule for one key (each element of a list); a whole number given as 1e3 becomes 1000."""
     values = [v for v in (value if isinstance(value, list) else [value]) if v is not None]
+    if value == []:
+        raise LabError(f"bad value [] for {key!r}: expected one or more numbers {rule}".rstrip())
     if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
            or (whole and v != int(v)) for v in values):
         raise LabError(f"bad value {value!r} for {key!r}: expected a{' whole' if whole else ''} number"

@@ -109,6 +109,7 @@ RANGES = {"positive": ("rate", "grid", "limit"), "non_negative": ("workers",), "
     ("limit=2.5", "bad value 2.5 for 'limit': expected a whole number > 0 or none"),
     ("limit=true", "bad value True for 'limit'"),
     ("limit=-3", "'limit' must be > 0 (or None), got -3"),
+    ("grid=", "bad value [] for 'grid': expected one or more numbers > 0"),
     ("seed=-1", "'seed' must be in [0, 4294967295], got -1"),
     ("seed=4294967296", "'seed' must be in [0, 4294967295]"),
 ])
