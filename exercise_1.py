@@ -15,6 +15,7 @@ import time
 import numpy as np
 
 import LoRA
+import cache
 import data
 import evaluate
 import hub
@@ -57,11 +58,12 @@ CHOICES = {"pooling": ("cls", "mean"), "svc_kernel": ("linear", "poly", "rbf", "
            "wandb_mode": utils.WANDB_MODES}
 POSITIVE = ("max_train_samples", "max_eval_samples", "max_length", "eval_batch_size", "svc_C", "logreg_C",
             "logreg_max_iter", "C_grid")
+INTEGERS = ("max_train_samples", "max_eval_samples")  # whole numbers (their default is None)
 
 
 def main(argv: list[str] | None = None):
     # 1. config: defaults above, overridden by key=value arguments
-    config = utils.parse_config(CONFIG, argv or [], CHOICES, POSITIVE, __file__)
+    config = utils.parse_config(CONFIG, argv or [], CHOICES, POSITIVE, __file__, integers=INTEGERS)
     utils.check_run_name(config["run_name"])
     utils.check_output_dir(config["output_dir"])  # before any data or model is loaded
     utils.set_seed(config["seed"])
@@ -82,19 +84,22 @@ def main(argv: list[str] | None = None):
     run_dir = utils.prepare_run_dir(config["output_dir"], config["run_name"], "exercise_1", config["overwrite"])
     loggers = utils.RunLoggers(run_dir, config, "exercise_1")
 
-    # 4. one feature vector per text, cached on disk keyed by everything that changes it
+    # 4. one feature vector per text, cached on disk keyed by everything that changes it; texts are cut at
+    #    max_length tokens, or at the model's own limit when that is lower
     features, labels, throughput = {}, {}, {}
-    model_key = utils.model_fingerprint(config["model_name"])
+    model_key = cache.model_fingerprint(config["model_name"])
+    max_length = hub.usable_max_length(config["max_length"], tokenizer, model.config)
     with utils.timed(timing, "features"):
         for split, dataset in splits.items():
             texts = dataset["text"]
-            key = {"model": model_key, "texts": utils.texts_fingerprint(texts), "split": split,
-                   "pooling": config["pooling"], "max_length": config["max_length"]}
+            key = {"model": model_key, "texts": cache.texts_fingerprint(texts), "split": split,
+                   "pooling": config["pooling"], "max_length": max_length}
             began = time.perf_counter()
-            compute = lambda: extract_features(model, tokenizer, texts, config["pooling"], config["max_length"],
+            compute = lambda: extract_features(model, tokenizer, texts, config["pooling"], max_length,
                                                      config["eval_batch_size"], device, desc=f"features {split}")
             if config["cache_features"]:
-                features[split], hit = utils.cached_array(run_dir.parent / "cache", key, compute)
+                features[split], hit = cache.cached_array(run_dir.parent / "cache", key, compute,
+                                                          rows=len(texts), dtype=np.float32)
             else:
                 features[split], hit = compute(), False
             if hit:
@@ -204,6 +209,7 @@ def extract_features(model, tokenizer, texts: list[str], pooling: str = "cls", m
     import torch
     from tqdm.auto import tqdm
 
+    max_length = hub.usable_max_length(max_length, tokenizer, model.config)
     encoded = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
     batches = length_batches([len(ids) for ids in encoded], batch_size, CPU_BATCH_TOKENS if device == "cpu" else None)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -61,6 +61,7 @@ CONFIG = {
     "save_total_limit": 2,           # checkpoints kept; the best one always is
     "evaluate_pretrained": True,     # score the untrained model as the `pretrained` stage
     "resume": False,                 # continue run_name from its newest checkpoint
+    "resume_changes": False,         # resume even with settings that change training (the run's are in run_config.json)
     # LoRA: train low-rank adapters on the attention projections plus the classification head
     "lora": {
         "enabled": False,            # train LoRA adapters (True) or every weight (False)
@@ -86,6 +87,7 @@ METRICS = ("loss", "accuracy", "precision_macro", "recall_macro", "f1_macro",
            "precision_weighted", "recall_weighted", "f1_weighted")
 CHOICES = {**training.CHOICES, "eval_strategy": ("epoch", "steps"), "metric_for_best_model": METRICS}
 POSITIVE = (*training.POSITIVE, "max_length")
+NON_NEGATIVE, FRACTIONS, INTEGERS = training.NON_NEGATIVE, training.FRACTIONS, training.INTEGERS
 
 
 def main(argv: list[str] | None = None, callbacks=()):
@@ -93,7 +95,8 @@ def main(argv: list[str] | None = None, callbacks=()):
     from accelerate import PartialState
 
     # 1. config; torchrun has already started the processes, PartialState joins them up
-    config = utils.parse_config(CONFIG, argv or [], CHOICES, POSITIVE, __file__)
+    config = utils.parse_config(CONFIG, argv or [], CHOICES, POSITIVE, __file__, non_negative=NON_NEGATIVE,
+                                fractions=FRACTIONS, integers=INTEGERS)
     device = utils.best_device()
     training.check_config(config, device)
     distributed = PartialState(cpu=device == "cpu")
@@ -121,7 +124,7 @@ def main(argv: list[str] | None = None, callbacks=()):
 
     # 4. token ids without padding; the collator pads each batch to its own longest text
     with utils.timed(timing, "tokenize"):
-        tokenized = tokenize(splits, tokenizer, config["max_length"])
+        tokenized = tokenize(splits, tokenizer, config["max_length"], model.config)
 
     # 5. the run folder (one for all processes) and loggers, once data and model are in hand
     run_dir, loggers = training.start_trainer_run(config, distributed, "exercise_2")
@@ -205,9 +208,10 @@ def main(argv: list[str] | None = None, callbacks=()):
 # The pieces main() assembles
 # ---------------------------------------------------------------------------------------------
 
-def tokenize(splits, tokenizer, max_length: int):
-    """Token ids per text, truncated but not padded: the collator pads each batch to its longest."""
-    max_length = min(max_length, tokenizer.model_max_length)
+def tokenize(splits, tokenizer, max_length: int, model_config=None):
+    """Token ids per text, truncated but not padded: the collator pads each batch to its longest. Texts are
+    cut at `max_length` tokens, or at the model's own limit (its tokenizer's, `model_config`'s) when lower."""
+    max_length = hub.usable_max_length(max_length, tokenizer, model_config)
     return splits.map(lambda batch: tokenizer(batch["text"], truncation=True, max_length=max_length),
                     batched=True, remove_columns=["text"], desc="tokenize")
 

@@ -64,6 +64,7 @@ CONFIG = {
     "save_total_limit": 2,           # checkpoints kept
     "dataloader_num_workers": 0,     # processes decoding images while the model works (0 = none)
     "resume": False,                 # continue run_name from its newest checkpoint
+    "resume_changes": False,         # resume even with settings that change training (the run's are in run_config.json)
     # LoRA: low-rank adapters on the attention projections of both towers; False trains every weight
     "lora": {
         "enabled": True,             # train LoRA adapters (True) or every weight (False)
@@ -89,6 +90,9 @@ CONFIG = {
 CHOICES = {**training.CHOICES, "bad_images": ("skip", "fail"), "prompts": tuple(clip.TEMPLATES),
            "loss": ("clip", "class"), "eval_strategy": ("no", "epoch", "steps")}
 POSITIVE = (*training.POSITIVE, "max_classes", "save_steps")
+NON_NEGATIVE = (*training.NON_NEGATIVE, "dataloader_num_workers", "num_sample_images")
+FRACTIONS = training.FRACTIONS
+INTEGERS = (*training.INTEGERS, "max_classes")
 
 
 def main(argv: list[str] | None = None, callbacks=()):
@@ -96,7 +100,8 @@ def main(argv: list[str] | None = None, callbacks=()):
     from accelerate import PartialState
 
     # 1. config; under torchrun every process runs all of this, only the main one writes results
-    config = utils.parse_config(CONFIG, argv or [], CHOICES, POSITIVE, __file__)
+    config = utils.parse_config(CONFIG, argv or [], CHOICES, POSITIVE, __file__, non_negative=NON_NEGATIVE,
+                                fractions=FRACTIONS, integers=INTEGERS)
     device = utils.best_device()
     check_config(config, device)
     utils.set_seed(config["seed"])
@@ -227,9 +232,6 @@ def main(argv: list[str] | None = None, callbacks=()):
 def check_config(config: dict, device: str) -> None:
     """The shared Trainer checks, plus this exercise's own."""
     training.check_config(config, device)
-    for key in ("dataloader_num_workers", "num_sample_images"):
-        if config[key] < 0:
-            raise utils.LabError(f"{key!r} must be >= 0, got {config[key]!r}")
     if "{}" not in config["train_template"]:
         raise utils.LabError(f"train_template needs a {{}} for the class name, got {config['train_template']!r}")
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from pathlib import Path
 
 from utils import LabError
@@ -32,6 +33,18 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError) as error:
         raise LabError(f"no usable tokenizer in {source}: {error}") from None
+
+
+def usable_max_length(max_length: int, tokenizer, model_config=None) -> int:
+    """`max_length` capped at what the model takes: its tokenizer's `model_max_length` and its config's
+    `max_position_embeddings` (a tokenizer saved without a limit reports ~1e30). Longer inputs would index
+    past the position embeddings. Says so on stderr when it caps."""
+    limits = [getattr(tokenizer, "model_max_length", None), getattr(model_config, "max_position_embeddings", None)]
+    limit = min((value for value in limits if isinstance(value, int) and 0 < value < 10 ** 9), default=None)
+    if limit is None or max_length <= limit:
+        return max_length
+    print(f"note: max_length={max_length} is more than the model takes; using {limit} tokens", file=sys.stderr)
+    return limit
 
 
 def text_model_source(model_name: str, exercise: str, trust_remote_code: bool = False):

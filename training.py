@@ -3,6 +3,7 @@ the run folder under torchrun, checkpoints and resume, one non-finite-loss polic
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -52,6 +53,8 @@ def start_trainer_run(config: dict, state, exercise: str) -> tuple[Path, "utils.
     if state.num_processes > 1:
         broadcast_object_list(run_dir)
     run_dir = Path(run_dir[0])
+    if state.is_main_process:  # what the checkpoints are trained with: a later resume=True is compared with it
+        utils.write_atomic(run_dir / RUN_CONFIG, json.dumps(config, indent=2).encode())
     utils.configure_wandb_env(config, run_dir, exercise)  # every process: wandb_mode=online without a key stops all
     if config["tensorboard"]:
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
@@ -147,20 +150,57 @@ CHOICES = {"lr_scheduler_type": ("linear", "cosine", "constant", "constant_with_
 POSITIVE = ("max_train_samples", "max_eval_samples", "learning_rate", "num_train_epochs", "max_steps", "batch_size",
             "eval_batch_size", "gradient_accumulation_steps", "eval_steps", "logging_steps", "save_total_limit",
             "lora.r", "lora.alpha", "lora.learning_rate")
+NON_NEGATIVE = ("weight_decay", "warmup", "max_grad_norm")    # >= 0
+FRACTIONS = ("lora.dropout",)                                  # in [0, 1)
+INTEGERS = ("max_train_samples", "max_eval_samples", "max_steps")  # whole numbers (their default is None)
 
 
 def check_config(config: dict, device: str) -> None:
-    """The checks of the shared Trainer keys that parse_config's `positive` cannot express."""
+    """The checks of the shared Trainer keys that parse_config's ranges cannot express."""
     trainer_precision(config["mixed_precision"], device)
     utils.check_run_name(config["run_name"])
     utils.check_output_dir(config["output_dir"])  # before any data or model is loaded
-    for key in ("weight_decay", "warmup", "max_grad_norm"):
-        if config[key] < 0:
-            raise LabError(f"{key!r} must be >= 0, got {config[key]!r}")
-    if not 0 <= config["lora"]["dropout"] < 1:
-        raise LabError(f"'lora.dropout' must be in [0, 1), got {config['lora']['dropout']!r}")
     if config["resume"] and not config["run_name"]:
         raise LabError("resume=True needs run_name=<the run to continue> (its folder under output_dir)")
+    if config["resume"]:
+        check_resume(config)
+
+
+# Keys that change only what is logged, evaluated or kept, or where the run lives: a resumed run may change
+# them freely. Every other key changes training, and a resumed run must keep the value it started with.
+OUTPUT_ONLY = ("output_dir", "run_name", "overwrite", "resume", "resume_changes", "wandb_mode", "wandb_project",
+               "tensorboard", "logging_steps", "eval_batch_size", "evaluate_pretrained", "save_steps",
+               "save_total_limit", "dataloader_num_workers", "num_sample_images", "bad_images", "prompts",
+               "trust_remote_code")
+RUN_CONFIG = "run_config.json"  # in each run folder: the config its training started with
+
+
+def check_resume(config: dict) -> None:
+    """resume=True continues checkpoints trained with the run's recorded config: a setting that changes
+    training and differs from it is refused, naming each (old -> new), unless resume_changes=True."""
+    run_dir = Path(config["output_dir"]).expanduser() / str(config["run_name"])
+    path = run_dir / RUN_CONFIG
+    loud = os.environ.get("RANK", "0") == "0"  # under torchrun, one process says it
+    if not run_dir.is_dir():
+        return  # nothing to continue: the run starts afresh
+    try:
+        old = utils._flatten(json.loads(path.read_text()))
+    except (OSError, ValueError) as error:
+        if loud:
+            print(f"warning: cannot check that resume=True keeps the settings of {run_dir}: {path.name} is "
+                  f"{'missing (a run from an older version)' if not path.exists() else f'unreadable ({error})'}",
+                  file=sys.stderr)
+        return
+    new = utils._flatten(config)
+    changed = [f"{key} {old[key]!r} -> {new[key]!r}" for key in new
+               if key in old and key not in OUTPUT_ONLY and old[key] != new[key]]
+    if changed and not config["resume_changes"]:
+        raise LabError(f"resume=True with settings that change training: {', '.join(changed)} (the checkpoints in "
+                       f"{run_dir} were trained with the old values, recorded in {path.name}); rerun with the old "
+                       f"values, or add resume_changes=True to continue with the new ones")
+    if changed and loud:
+        print(f"warning: resume_changes=True: continuing {run_dir} with changed settings: {', '.join(changed)}",
+              file=sys.stderr)
 
 
 def learning_rate(config: dict) -> float:

@@ -1,11 +1,11 @@
-"""Plumbing for every script: config and CLI, seeding and devices, run folders, loggers, the array cache.
+"""Plumbing for every script: config and CLI, seeding and devices, run folders, loggers, atomic writes.
 
 Nothing here knows about models, data or training; those live in hub.py, data.py and training.py.
 """
 from __future__ import annotations
 
-import hashlib
 import json
+import math
 import os
 import platform
 import random
@@ -65,7 +65,10 @@ def parse_value(text: str, default):
             raise ValueError("expected an integer")
         return int(text)
     if isinstance(default, float):
-        return float(text)
+        value = float(text)
+        if not math.isfinite(value):
+            raise ValueError("expected a finite number")
+        return value
     if isinstance(default, (list, tuple)):
         items = [item.strip() for item in text.strip().strip("[]").split(",") if item.strip()]
         element_default = default[0] if default else ""
@@ -143,11 +146,14 @@ def format_config(config: dict, choices: dict | None = None, comments: dict | No
 
 
 def parse_config(defaults: dict, argv: list[str], choices: dict | None = None,
-                 positive: tuple = (), script: str = "script.py") -> dict:
+                 positive: tuple = (), script: str = "script.py", *, non_negative: tuple = (),
+                 fractions: tuple = (), integers: tuple = ()) -> dict:
     """Return a deep copy of `defaults` with `key=value` overrides applied and validated.
 
     Nested sections are addressed with dots (`lora.r=16`). `choices` maps a key to its allowed
-    values; keys in `positive` must be > 0 when not None. Raises LabError naming the key.
+    values; keys in `positive` must be > 0, in `non_negative` >= 0, in `fractions` in [0, 1), each
+    when not None (for a list, each element); keys in `integers` (those whose default is None) must be
+    whole numbers. Floats are finite, and `seed` is in numpy's range. Raises LabError naming the key.
     `--help` / `-h` prints the config with defaults and exits 0.
     """
     choices = choices or {}
@@ -172,11 +178,7 @@ def parse_config(defaults: dict, argv: list[str], choices: dict | None = None,
         except ValueError as error:
             kind = type(default).__name__ if default is not None else "value"
             raise LabError(f"bad value {text!r} for {key!r} (a {kind}; default {default!r}): {error}")
-        *parents, leaf = key.split(".")
-        section = config
-        for parent in parents:
-            section = section[parent]
-        section[leaf] = value
+        _set(config, key, value)
     flat = _flatten(config)
     for key, allowed in choices.items():
         value = flat[key]
@@ -184,12 +186,36 @@ def parse_config(defaults: dict, argv: list[str], choices: dict | None = None,
         bad = [v for v in values if v not in allowed]
         if bad:
             raise LabError(f"bad value {value!r} for {key!r}; choose from {list(allowed)}")
-    for key in positive:
-        value = flat[key]
-        values = value if isinstance(value, list) else [value]
-        if any(v is not None and not v > 0 for v in values):
-            raise LabError(f"{key!r} must be > 0 (or None where allowed), got {value!r}")
+    rules = ((positive, "> 0", lambda v: v > 0), (non_negative, ">= 0", lambda v: v >= 0),
+             (fractions, "in [0, 1)", lambda v: 0 <= v < 1), (integers, "", lambda v: True),
+             (("seed",) if "seed" in flat else (), f"in [0, {2 ** 32 - 1}]", lambda v: 0 <= v < 2 ** 32))
+    for keys, rule, test in rules:
+        for key in keys:
+            _check_number(config, key, flat[key], flat_defaults[key] is None, key in integers, rule, test)
     return config
+
+
+def _check_number(config: dict, key: str, value, may_be_none: bool, whole: bool, rule: str, test) -> None:
+    """One range rule for one key (each element of a list); a whole number given as 1e3 becomes 1000."""
+    values = [v for v in (value if isinstance(value, list) else [value]) if v is not None]
+    if value == []:
+        raise LabError(f"bad value [] for {key!r}: expected one or more numbers {rule}".rstrip())
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+           or (whole and v != int(v)) for v in values):
+        raise LabError(f"bad value {value!r} for {key!r}: expected a{' whole' if whole else ''} number"
+                       f"{' ' + rule if rule else ''}{' or none' if may_be_none else ''}")
+    if not all(test(v) for v in values):
+        raise LabError(f"{key!r} must be {rule}{' (or None)' if may_be_none else ''}, got {value!r}")
+    if whole and isinstance(value, float):
+        _set(config, key, int(value))
+
+
+def _set(config: dict, key: str, value) -> None:
+    """config[a][b] = value for the dotted key `a.b`."""
+    *parents, leaf = key.split(".")
+    for parent in parents:
+        config = config[parent]
+    config[leaf] = value
 
 
 def run_cli(main) -> None:
@@ -430,40 +456,20 @@ class RunLoggers:
 
 
 # ---------------------------------------------------------------------------------------------
-# An on-disk cache of arrays (exercise 1's features), keyed by everything that changes them
+# Files another run may read while this one writes them
 # ---------------------------------------------------------------------------------------------
 
 
-def model_fingerprint(model_name: str) -> str:
-    """Identity of a model for cache keys: the name, plus config and weight file sizes/times if local."""
-    path = Path(model_name).expanduser()
-    parts = [model_name]
-    if path.is_dir():
-        for file in sorted(path.iterdir()):
-            if file.suffix in (".json", ".safetensors", ".bin"):
-                stat = file.stat()
-                parts.append(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}")
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()
-
-
-def texts_fingerprint(texts: list[str]) -> str:
-    digest = hashlib.sha256()
-    for text in texts:
-        digest.update(text.encode("utf-8", "surrogatepass") + b"\0")
-    return digest.hexdigest()
-
-
-def cached_array(cache_dir: Path, key: dict, compute, name: str = "features") -> tuple[np.ndarray, bool]:
-    """Return (array, from_cache). The array is stored as safetensors under a hash of `key`."""
-    from safetensors.numpy import load_file, save_file
-
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    path = Path(cache_dir) / f"{name}-{digest}.safetensors"
-    if path.exists():
-        return load_file(str(path))[name], True
-    array = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({name: np.ascontiguousarray(array)}, str(tmp), metadata={"key": json.dumps(key, sort_keys=True)})
-    tmp.replace(path)
-    return array, False
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that no reader, in this run or another, ever sees a partial file: a temporary
+    file named for this process alone, in the same folder, is flushed to disk and then renamed over `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
+    try:
+        with open(tmp, "xb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -100,3 +100,101 @@ def test_help_describes_every_key_from_the_comment_beside_it(script):
         description = lines[key].split("  # ", 1)[1] if "  # " in lines[key] else ""
         assert len(description) > 8, f"{script}: {key} has no description"
     assert "# lora:" in result.stdout or script == "exercise_1.py"
+
+
+# ---------------------------------------------------------------------------------------------
+# Numbers: finite, in range, whole where they count things; each refused by name at parse time
+# ---------------------------------------------------------------------------------------------
+
+NUMBERS = {"rate": 0.1, "grid": [0.1, 1.0], "limit": None, "seed": 42, "workers": 0}
+RANGES = {"positive": ("rate", "grid", "limit"), "non_negative": ("workers",), "fractions": (), "integers": ("limit",)}
+
+
+@pytest.mark.parametrize("argument, fragment", [
+    ("rate=nan", "bad value 'nan' for 'rate' (a float; default 0.1): expected a finite number"),
+    ("rate=inf", "bad value 'inf' for 'rate'"),
+    ("rate=-Infinity", "bad value '-Infinity' for 'rate'"),
+    ("grid=1,nan", "bad value '1,nan' for 'grid'"),
+    ("rate=0", "'rate' must be > 0, got 0.0"),
+    ("grid=1,-2", "'grid' must be > 0, got [1.0, -2.0]"),
+    ("workers=-1", "'workers' must be >= 0, got -1"),
+    ("limit=nan", "bad value 'nan' for 'limit': expected a whole number > 0 or none"),
+    ("limit=abc", "bad value 'abc' for 'limit': expected a whole number > 0 or none"),
+    ("limit=2.5", "bad value 2.5 for 'limit': expected a whole number > 0 or none"),
+    ("limit=true", "bad value True for 'limit'"),
+    ("limit=-3", "'limit' must be > 0 (or None), got -3"),
+    ("grid=", "bad value [] for 'grid': expected one or more numbers > 0"),
+    ("seed=-1", "'seed' must be in [0, 4294967295], got -1"),
+    ("seed=4294967296", "'seed' must be in [0, 4294967295]"),
+])
+def test_bad_numbers_are_refused_by_name(argument, fragment):
+    with pytest.raises(utils.LabError) as error:
+        utils.parse_config(NUMBERS, [argument], **RANGES)
+    assert fragment in str(error.value)
+
+
+def test_fractions_and_whole_numbers():
+    lora = {"lora": {"dropout": 0.1}}
+    assert utils.parse_config(lora, ["lora.dropout=0"], fractions=("lora.dropout",))["lora"]["dropout"] == 0
+    for bad in ("1", "1.5", "-0.1", "nan"):
+        with pytest.raises(utils.LabError, match="lora.dropout"):
+            utils.parse_config(lora, [f"lora.dropout={bad}"], fractions=("lora.dropout",))
+    limit = utils.parse_config(NUMBERS, ["limit=1e3"], **RANGES)["limit"]
+    assert limit == 1000 and isinstance(limit, int)
+    assert utils.parse_config(NUMBERS, ["limit=none"], **RANGES)["limit"] is None
+
+
+@pytest.mark.parametrize("script", ["exercise_1", "exercise_2", "exercise_3"])
+def test_every_number_in_every_config_has_a_range(script):
+    """A numeric key without a range would take NaN, a negative size or a fraction of an example."""
+    import importlib
+
+    module = importlib.import_module(script)
+    ranged = {*module.POSITIVE, *getattr(module, "NON_NEGATIVE", ()), *getattr(module, "FRACTIONS", ()), "seed"}
+    for key, default in utils._flatten(module.CONFIG).items():
+        numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
+        counted = default is None and key.startswith("max_")
+        if numeric or counted:
+            assert key in ranged, f"{script}: {key} has no range"
+        if counted:
+            assert key in module.INTEGERS, f"{script}: {key} counts things but may be fractional"
+
+
+@pytest.mark.parametrize("script, argument, fragment", [
+    ("exercise_2", "lora.dropout=1", "'lora.dropout' must be in [0, 1), got 1.0"),
+    ("exercise_2", "weight_decay=-0.1", "'weight_decay' must be >= 0"),
+    ("exercise_2", "warmup=nan", "bad value 'nan' for 'warmup'"),
+    ("exercise_2", "max_grad_norm=-1", "'max_grad_norm' must be >= 0"),
+    ("exercise_2", "learning_rate=inf", "bad value 'inf' for 'learning_rate'"),
+    ("exercise_2", "max_steps=0.5", "bad value 0.5 for 'max_steps': expected a whole number"),
+    ("exercise_2", "num_train_epochs=-1", "'num_train_epochs' must be > 0"),
+    ("exercise_3", "num_sample_images=-1", "'num_sample_images' must be >= 0"),
+    ("exercise_3", "dataloader_num_workers=-2", "'dataloader_num_workers' must be >= 0"),
+    ("exercise_3", "max_classes=nan", "bad value 'nan' for 'max_classes'"),
+    ("exercise_3", "lora.dropout=-0.5", "'lora.dropout' must be in [0, 1)"),
+    ("exercise_3", "lora.learning_rate=nan", "bad value 'nan' for 'lora.learning_rate'"),
+    ("exercise_1", "svc_C=nan", "bad value 'nan' for 'svc_C'"),
+    ("exercise_1", "C_grid=0.1,inf", "bad value '0.1,inf' for 'C_grid'"),
+    ("exercise_1", "max_eval_samples=many", "bad value 'many' for 'max_eval_samples'"),
+])
+def test_each_exercise_refuses_bad_numbers_before_loading_anything(tmp_path, script, argument, fragment):
+    import importlib
+
+    with pytest.raises(utils.LabError) as error:
+        importlib.import_module(script).main([argument, f"output_dir={tmp_path / 'runs'}", "dataset=/no/such/data"])
+    assert fragment in str(error.value)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("script, argument, fragment", [
+    ("exercise_1.py", "max_train_samples=nan", "bad value 'nan' for 'max_train_samples'"),
+    ("exercise_1.py", "seed=-1", "'seed' must be in [0, 4294967295]"),
+    ("exercise_2.py", "lora.dropout=nan", "bad value 'nan' for 'lora.dropout'"),
+    ("exercise_3.py", "warmup=-1", "'warmup' must be >= 0"),
+])
+def test_bad_numbers_exit_2_with_one_line(tmp_path, script, argument, fragment):
+    result = subprocess.run([sys.executable, script, argument, f"output_dir={tmp_path}"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: ") and result.stderr.strip().count("\n") == 0
+    assert fragment in result.stderr

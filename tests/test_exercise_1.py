@@ -50,6 +50,37 @@ def test_smoke_with_both_loggers_and_cache(tmp_path, tiny_distilbert, rt_dir, ca
     assert "reused cached" not in capsys.readouterr().out, "pooling is part of the cache key"
 
 
+def test_a_damaged_feature_cache_is_recomputed_to_the_same_result(tmp_path, tiny_distilbert, rt_dir, capsys):
+    args = (f"model_name={tiny_distilbert}", f"dataset={rt_dir}", "max_train_samples=60", "max_eval_samples=20",
+            "tensorboard=false", "run_name=cached")
+    _, first = run(tmp_path, *args)
+    entries = sorted((tmp_path / "cache").glob("*.safetensors"))
+    assert len(entries) == 3                              # train, validation, test
+    entries[0].write_bytes(entries[0].read_bytes()[:100])  # a run killed mid-write by an older version
+    entries[1].write_bytes(b"not a safetensors file")
+    capsys.readouterr()
+    _, second = run(tmp_path, *args)
+    captured = capsys.readouterr()
+    assert second["metrics"] == first["metrics"]
+    warnings = [line for line in captured.err.splitlines() if line.startswith("warning: cache file")]
+    assert len(warnings) == 2 and all(str(path) in "".join(warnings) for path in entries[:2])
+    assert captured.out.count("reused cached features") == 1  # the undamaged entry
+    assert sorted((tmp_path / "cache").iterdir()) == entries, "healed in place, no temporary files left"
+    _, third = run(tmp_path, *args)
+    assert capsys.readouterr().out.count("reused cached features") == 3 and third["metrics"] == first["metrics"]
+
+
+def test_max_length_beyond_the_model_is_capped(tmp_path, tiny_distilbert, capsys):
+    """The fixture has 256 positions and a tokenizer without a limit: 100000 used to index past them."""
+    folder = write_csv_dataset(tmp_path / "topics", num_classes=2, per_class=20)
+    train = folder / "train.csv"
+    train.write_text(train.read_text() + ("goal " * 700).strip() + " today,sports\n")
+    _, results = run(tmp_path, f"model_name={tiny_distilbert}", f"dataset={folder}", "text_column=sentence",
+                     "label_column=topic", "max_length=100000", "tensorboard=false")
+    assert "max_length=100000 is more than the model takes; using 256" in capsys.readouterr().err
+    assert results["data_sizes"]["train"] == 41
+
+
 def test_unseen_csv_with_four_string_classes(tmp_path, tiny_distilbert):
     folder = write_csv_dataset(tmp_path / "topics", num_classes=4, per_class=40)
     run_dir, results = run(tmp_path, f"model_name={tiny_distilbert}", f"dataset={folder}",

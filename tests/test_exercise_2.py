@@ -151,6 +151,64 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(tiny_distilbert, rt_di
     assert resumed["best_checkpoint"].rsplit("-", 1)[1] == uninterrupted["best_checkpoint"].rsplit("-", 1)[1]
 
 
+def test_resume_refuses_settings_that_change_training(tiny_distilbert, rt_dir, tmp_path, capsys):
+    """The run folder records the config its training started with; resume=True compares with it."""
+    args = tiny_args(tiny_distilbert, rt_dir, tmp_path, run_name="r", max_steps=2, eval_steps=2,
+                     evaluate_pretrained=False)
+    run_dir = exercise_2.main(args)
+    recorded = json.loads((run_dir / training.RUN_CONFIG).read_text())
+    assert recorded == utils.parse_config(exercise_2.CONFIG, args, exercise_2.CHOICES, exercise_2.POSITIVE)
+    assert not list(run_dir.glob(".*.tmp"))
+    other_model = tmp_path / "other-model"
+    other_model.mkdir()
+    for changes, listed in (
+        (["learning_rate=0.001"], ["learning_rate 0.01 -> 0.001"]),
+        (["seed=1", "lora.r=4", "max_length=64", "batch_size=4"],
+         ["seed 0 -> 1", "lora.r 8 -> 4", "max_length 128 -> 64", "batch_size 8 -> 4"]),
+        ([f"model_name={other_model}", f"dataset={tmp_path}"], ["model_name '", f"-> '{other_model}'", "dataset '"]),
+        (["text_column=sentence", "label_column=topic", "max_train_samples=48"],
+         ["text_column 'text' -> 'sentence'", "label_column 'label' -> 'topic'", "max_train_samples 96 -> 48"]),
+        (["lora.enabled=true", "lora.dropout=0"], ["lora.enabled False -> True", "lora.dropout 0.1 -> 0.0"]),
+    ):
+        with pytest.raises(utils.LabError) as error:
+            exercise_2.main([*args, *changes, "resume=True"])
+        message = str(error.value)
+        assert message.startswith("resume=True with settings that change training: ") and "\n" not in message
+        assert all(item in message for item in listed), (listed, message)
+        assert "resume_changes=True" in message and str(run_dir) in message
+
+    def check(*changes):
+        training.check_config(utils.parse_config(exercise_2.CONFIG, [*args, *changes, "resume=True"]), "cpu")
+        return capsys.readouterr().err
+
+    capsys.readouterr()
+    # what only changes logging, evaluation or where the run lives may change
+    assert check("logging_steps=1", "eval_batch_size=8", "wandb_mode=offline", "tensorboard=true",
+                 "evaluate_pretrained=true", "save_total_limit=1", "overwrite=false") == ""
+    assert "learning_rate 0.01 -> 0.001" in check("learning_rate=0.001", "resume_changes=true")
+    (run_dir / training.RUN_CONFIG).unlink()  # a run folder from before run_config.json existed
+    warning = check("learning_rate=0.001")
+    assert warning.startswith("warning: cannot check") and "run_config.json is missing" in warning
+    assert check("run_name=never-started") == ""  # nothing to continue: starts afresh
+
+
+def test_changed_resume_exits_2_with_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    args = [f"output_dir={tmp_path}", "run_name=r", "dataset=/no/such/data"]
+    (tmp_path / "r").mkdir()
+    recorded = utils.parse_config(exercise_2.CONFIG, args)
+    (tmp_path / "r" / training.RUN_CONFIG).write_text(json.dumps(recorded))
+    result = subprocess.run([sys.executable, "exercise_2.py", *args, "resume=true", "learning_rate=1e-4"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: resume=True with settings that change training: learning_rate 3e-05 -> 0.0001")
+    assert result.stderr.strip().count("\n") == 0
+
+
 def test_sigint_saves_a_checkpoint_and_exits(tiny_distilbert, rt_dir, tmp_path):
     handler = signal.getsignal(signal.SIGINT)
     with pytest.raises(SystemExit) as stopped:

@@ -81,6 +81,23 @@ def test_text_only_model_offline_hub_ids_and_bad_config_are_refused(tmp_path, ti
             exercise_3.main([*tiny_args(tiny_clip_dir, tiny_imagenet_dir, output), bad])
 
 
+def test_resume_with_changed_training_settings_is_refused(tmp_path):
+    """Checked against <run>/run_config.json before any data or model is loaded."""
+    args = [f"output_dir={tmp_path}", "run_name=r", "dataset=/no/such/data"]
+    (tmp_path / "r").mkdir()
+    recorded = utils.parse_config(exercise_3.CONFIG, args)
+    (tmp_path / "r" / "run_config.json").write_text(__import__("json").dumps(recorded))
+    with pytest.raises(utils.LabError) as error:
+        exercise_3.main([*args, "resume=True", "loss=class", "lora.target_modules=q_proj", "max_classes=10",
+                         "num_sample_images=4", "eval_batch_size=8"])
+    message = str(error.value)
+    assert "loss 'clip' -> 'class'" in message and "lora.target_modules ['q_proj', 'v_proj'] -> ['q_proj']" in message
+    assert "max_classes None -> 10" in message and "resume_changes=True" in message
+    assert "num_sample_images" not in message and "eval_batch_size" not in message  # output only
+    with pytest.raises(utils.LabError, match="does not exist"):  # allowed: on to loading the data
+        exercise_3.main([*args, "resume=True", "loss=class", "resume_changes=True"])
+
+
 def test_unreadable_images_are_skipped_and_counted_or_fatal(tmp_path, tiny_clip_dir, capsys):
     splits = image_folder(tmp_path / "images", per_class=4)
     bad_train = write_truncated_jpeg(splits / "train" / "zebra" / "cut.jpg")

@@ -1,10 +1,16 @@
 """Pooling and batched feature extraction against a naive one-sentence-at-a-time reference; the cache."""
+import json
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
+import cache
 import exercise_1
 import data
+import hub
 import utils
 
 
@@ -61,11 +67,11 @@ def test_cache_hit_and_miss(tmp_path):
         return np.arange(6, dtype=np.float32).reshape(2, 3)
 
     key = {"model": "m", "texts": "abc", "pooling": "cls"}
-    first, hit_first = utils.cached_array(tmp_path, key, compute)
-    second, hit_second = utils.cached_array(tmp_path, dict(key), compute)
+    first, hit_first = cache.cached_array(tmp_path, key, compute)
+    second, hit_second = cache.cached_array(tmp_path, dict(key), compute)
     assert (hit_first, hit_second) == (False, True) and len(calls) == 1
     np.testing.assert_array_equal(first, second)
-    _, hit_other = utils.cached_array(tmp_path, {**key, "pooling": "mean"}, compute)
+    _, hit_other = cache.cached_array(tmp_path, {**key, "pooling": "mean"}, compute)
     assert not hit_other and len(calls) == 2
     assert all(path.suffix == ".safetensors" for path in tmp_path.iterdir())
 
@@ -74,7 +80,154 @@ def test_fingerprints_change_with_their_inputs(tmp_path):
     folder = tmp_path / "model"
     folder.mkdir()
     (folder / "config.json").write_text("{}")
-    before = utils.model_fingerprint(str(folder))
+    before = cache.model_fingerprint(str(folder))
     (folder / "model.safetensors").write_bytes(b"weights")
-    assert utils.model_fingerprint(str(folder)) != before
-    assert utils.texts_fingerprint(["a", "b"]) != utils.texts_fingerprint(["ab"])
+    assert cache.model_fingerprint(str(folder)) != before
+    assert cache.texts_fingerprint(["a", "b"]) != cache.texts_fingerprint(["ab"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache heals: a damaged entry is removed and computed again; a write is never seen half done
+# ---------------------------------------------------------------------------------------------
+
+FEATURES = np.arange(12, dtype=np.float32).reshape(4, 3)
+KEY = {"model": "m", "texts": "abc", "pooling": "cls"}
+
+
+def counting_compute(calls):
+    def compute():
+        calls.append(1)
+        return FEATURES.copy()
+    return compute
+
+
+def entry(folder):
+    files = list(folder.iterdir())
+    assert len(files) == 1 and files[0].suffix == ".safetensors", files  # no temporary file left behind
+    return files[0]
+
+
+def overwrite_with_other_array(path, array, name="features"):
+    from safetensors.numpy import save_file
+
+    save_file({name: array}, str(path), metadata={"key": json.dumps(KEY, sort_keys=True)})
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda path: path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2]), "SafetensorError"),
+    (lambda path: path.write_bytes(b"\x00garbage" * 50), "SafetensorError"),
+    (lambda path: path.write_bytes(b""), "SafetensorError"),
+    (lambda path: overwrite_with_other_array(path, FEATURES[:3]), "3 rows, not 4"),
+    (lambda path: overwrite_with_other_array(path, FEATURES.astype(np.float64)), "dtype float64, not float32"),
+    (lambda path: overwrite_with_other_array(path, FEATURES, name="other"), "SafetensorError"),
+])
+def test_a_damaged_cache_entry_is_removed_and_recomputed(tmp_path, capsys, damage, reason):
+    calls = []
+    compute = counting_compute(calls)
+    cache.cached_array(tmp_path, KEY, compute, rows=4, dtype=np.float32)
+    path = entry(tmp_path)
+    damage(path)
+    array, hit = cache.cached_array(tmp_path, KEY, compute, rows=4, dtype=np.float32)
+    assert not hit and len(calls) == 2
+    np.testing.assert_array_equal(array, FEATURES)
+    warning = capsys.readouterr().err.strip()
+    assert warning.count("\n") == 0 and warning.startswith(f"warning: cache file {path} is unusable") and reason in warning
+    again, hit = cache.cached_array(tmp_path, KEY, compute, rows=4, dtype=np.float32)
+    assert hit and len(calls) == 2 and entry(tmp_path) == path, "the recomputed entry is used next time"
+    np.testing.assert_array_equal(again, FEATURES)
+
+
+def test_an_entry_of_another_key_is_not_used(tmp_path, capsys):
+    calls = []
+    cache.cached_array(tmp_path, KEY, counting_compute(calls))
+    path = entry(tmp_path)
+    from safetensors.numpy import save_file
+
+    save_file({"features": FEATURES * 2}, str(path), metadata={"key": "{}"})
+    array, hit = cache.cached_array(tmp_path, KEY, counting_compute(calls))
+    assert not hit and len(calls) == 2 and "another key" in capsys.readouterr().err
+    np.testing.assert_array_equal(array, FEATURES)
+
+
+def test_cache_writes_are_atomic_and_private_to_each_writer(tmp_path, monkeypatch):
+    """Each writer has a temporary file of its own in the cache folder, renamed over the entry in one step:
+    eight writers at once all succeed, and a reader sees a whole entry or none."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    replaced, real_replace = [], os.replace
+
+    def watch_replace(source, target):
+        source, target = Path(source), Path(target)
+        assert source.parent == target.parent and str(os.getpid()) in source.name
+        replaced.append(source.name)
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", watch_replace)
+
+    def slow_compute():
+        time.sleep(0.05)
+        return FEATURES.copy()
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: cache.cached_array(tmp_path, KEY, slow_compute, rows=4)[0], range(8)))
+    assert all(np.array_equal(result, FEATURES) for result in results)
+    assert len(replaced) == len(set(replaced)) >= 1
+    array, hit = cache.cached_array(tmp_path, KEY, slow_compute, rows=4, dtype=np.float32)
+    assert hit and np.array_equal(array, FEATURES) and entry(tmp_path)
+
+
+def test_temporary_files_of_killed_runs_are_cleaned_up(tmp_path):
+    import os
+
+    stale, fresh = tmp_path / ".features-x.safetensors.1-aa.tmp", tmp_path / ".features-y.safetensors.2-bb.tmp"
+    for path in (stale, fresh):
+        path.write_bytes(b"half")
+    os.utime(stale, (time.time() - 2 * cache.STALE_SECONDS,) * 2)
+    cache.cached_array(tmp_path, KEY, lambda: FEATURES)
+    assert not stale.exists() and fresh.exists(), "a fresh one may be another run's write in progress"
+
+
+def test_a_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
+    import os
+
+    def no_space(descriptor):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(OSError, match="No space"):
+        cache.cached_array(tmp_path, KEY, lambda: FEATURES)
+    assert not list(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------
+# max_length is capped at the model's limit, through one helper for exercises 1 and 2
+# ---------------------------------------------------------------------------------------------
+
+def test_max_length_is_capped_at_the_models_limit(tiny_distilbert, capsys):
+    from transformers import AutoConfig, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_distilbert)
+    config = AutoConfig.from_pretrained(tiny_distilbert)
+    assert tokenizer.model_max_length > 10 ** 9, "the fixture's tokenizer has no limit of its own"
+    assert hub.usable_max_length(128, tokenizer, config) == 128 and not capsys.readouterr().err
+    assert hub.usable_max_length(100000, tokenizer, config) == 256
+    assert "max_length=100000" in capsys.readouterr().err
+    tokenizer.model_max_length = 64
+    assert hub.usable_max_length(100000, tokenizer, config) == hub.usable_max_length(100000, tokenizer) == 64
+
+
+def test_extreme_max_length_in_both_text_exercises(tiny_distilbert, rt_dir):
+    import exercise_2
+    from transformers import AutoModel, AutoTokenizer
+
+    model = AutoModel.from_pretrained(tiny_distilbert).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_distilbert)
+    texts = ["a fine film", " ".join(["long"] * 600)]
+    capped = exercise_1.extract_features(model, tokenizer, texts, "mean", max_length=100000, batch_size=2)
+    np.testing.assert_allclose(capped, exercise_1.extract_features(model, tokenizer, texts, "mean", max_length=256),
+                               atol=1e-6)
+    splits = data.load_text_dataset(str(rt_dir), seed=0, max_train_samples=20, max_eval_samples=10)
+    splits["train"] = splits["train"].map(lambda row, i: {"text": texts[1]} if i == 0 else row, with_indices=True)
+    tokenized = exercise_2.tokenize(splits, tokenizer, 100000, model.config)
+    assert max(len(ids) for ids in tokenized["train"]["input_ids"]) == 256

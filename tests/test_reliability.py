@@ -118,3 +118,23 @@ def test_an_unusable_output_dir_is_refused_before_data_or_model(tmp_path, capsys
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.startswith("error: cannot write to output folder") and "dataset" not in result.stderr
+
+
+def test_messages_suggest_only_keys_the_script_has(tmp_path, capsys):
+    """Exercise 1 cannot resume: its rerun hint offers overwrite=True only; exercises 2 and 3 also resume=True,
+    and their resume refusal names resume_changes=True, a key both have."""
+    import exercise_2
+    import exercise_3
+
+    for _ in range(2):
+        utils.prepare_run_dir(str(tmp_path), "same", "exercise_1")
+    hint = capsys.readouterr().out
+    assert "overwrite=True replaces it" in hint and "resume" not in hint
+    utils.prepare_run_dir(str(tmp_path), "same", "exercise_2", resume=False)
+    assert "resume=True continues it" in capsys.readouterr().out
+    assert not {"resume", "resume_changes"} & set(exercise_1.CONFIG)
+    for module in (exercise_2, exercise_3):
+        assert {"resume", "resume_changes"} <= set(module.CONFIG)
+    result = subprocess.run([sys.executable, "exercise_1.py", "resume=true", f"output_dir={tmp_path}"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.startswith("error: unknown config key 'resume'")

@@ -1,0 +1,86 @@
+"""An on-disk cache of arrays (exercise 1's features), keyed by everything that changes them.
+
+Entries are safetensors files in one folder (`<output_dir>/cache`), written atomically, so runs may share
+the folder; an entry that cannot be used (truncated, overwritten, of another shape) is removed and computed
+again with a warning instead of failing every later run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from utils import write_atomic
+
+
+def model_fingerprint(model_name: str) -> str:
+    """Identity of a model for cache keys: the name, plus config and weight file sizes/times if local."""
+    path = Path(model_name).expanduser()
+    parts = [model_name]
+    if path.is_dir():
+        for file in sorted(path.iterdir()):
+            if file.suffix in (".json", ".safetensors", ".bin"):
+                stat = file.stat()
+                parts.append(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+def texts_fingerprint(texts: list[str]) -> str:
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode("utf-8", "surrogatepass") + b"\0")
+    return digest.hexdigest()
+
+
+# A temporary file older than this was left by a run killed while writing (writes take seconds).
+STALE_SECONDS = 3600
+
+
+def cached_array(cache_dir: Path, key: dict, compute, name: str = "features", rows: int | None = None,
+                 dtype=None) -> tuple[np.ndarray, bool]:
+    """Return (array, from_cache). The array is stored as safetensors under a hash of `key`. An entry that
+    cannot be used (damaged file, another key, not `rows` rows or not of `dtype`) is removed with a warning
+    and computed again."""
+    from safetensors.numpy import save
+
+    key_text = json.dumps(key, sort_keys=True)
+    path = Path(cache_dir) / f"{name}-{hashlib.sha256(key_text.encode()).hexdigest()[:24]}.safetensors"
+    if path.exists():
+        array, problem = _read_entry(path, key_text, name, rows, dtype)
+        if problem is None:
+            return array, True
+        path.unlink(missing_ok=True)
+        print(f"warning: cache file {path} is unusable ({problem}); removed it, computing {name} again",
+              file=sys.stderr)
+    array = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, save({name: np.ascontiguousarray(array)}, metadata={"key": key_text}))
+    for stale in path.parent.glob(".*.tmp"):
+        try:
+            if time.time() - stale.stat().st_mtime > STALE_SECONDS:
+                stale.unlink()
+        except FileNotFoundError:  # another run cleaned it up first
+            pass
+    return array, False
+
+
+def _read_entry(path: Path, key_text: str, name: str, rows: int | None, dtype) -> tuple[np.ndarray | None, str | None]:
+    """(the stored array, None), or (None, why it cannot be used)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as file:
+            stored_key, array = (file.metadata() or {}).get("key"), file.get_tensor(name)
+    except (OSError, ValueError, KeyError, SafetensorError) as error:
+        return None, f"{type(error).__name__}: {error}"
+    if stored_key != key_text:
+        return None, "it was written for another key"
+    if rows is not None and array.shape[:1] != (rows,):
+        return None, f"{array.shape[0] if array.ndim else 'no'} rows, not {rows}"
+    if dtype is not None and array.dtype != dtype:
+        return None, f"dtype {array.dtype}, not {np.dtype(dtype)}"
+    return array, None
