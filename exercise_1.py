@@ -20,6 +20,7 @@ import data
 import evaluate
 import hub
 import plots
+import loggers
 import utils
 
 
@@ -55,7 +56,7 @@ CONFIG = {
     "trust_remote_code": False,      # run code shipped with a Hub model; only for models you trust
 }
 CHOICES = {"pooling": ("cls", "mean"), "svc_kernel": ("linear", "poly", "rbf", "sigmoid"),
-           "wandb_mode": utils.WANDB_MODES}
+           "wandb_mode": loggers.WANDB_MODES}
 POSITIVE = ("max_train_samples", "max_eval_samples", "max_length", "eval_batch_size", "svc_C", "logreg_C",
             "logreg_max_iter", "C_grid")
 INTEGERS = ("max_train_samples", "max_eval_samples")  # whole numbers (their default is None)
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None):
         model, tokenizer = load_encoder(config["model_name"], config["trust_remote_code"])
     device = utils.best_device()
     run_dir = utils.prepare_run_dir(config["output_dir"], config["run_name"], "exercise_1", config["overwrite"])
-    loggers = utils.RunLoggers(run_dir, config, "exercise_1")
+    loggers = loggers.RunLoggers(run_dir, config, "exercise_1")
 
     # 4. one feature vector per text, cached on disk keyed by everything that changes it; texts are cut at
     #    max_length tokens, or at the model's own limit when that is lower

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import plots
 from evaluate import RESULTS_FILE
-from utils import LabError, _flatten, run_cli
+from utils import LabError, flatten, run_cli
 
 SWEEP_FILE = "sweep.json"
 REPORT_FILE = "REPORT.md"
@@ -213,7 +213,7 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
 
 def differing_settings(runs: list[dict]) -> dict[str, str]:
     """Per run: its values of the config keys that differ between the runs compared ("key=value, ...")."""
-    configs = {run["run"]: _flatten(run.get("config") or {}) for run in runs}
+    configs = {run["run"]: flatten(run.get("config") or {}) for run in runs}
     keys = set().union(*configs.values()) - set(BOOKKEEPING_KEYS)
     varying = sorted(key for key in keys
                      if len({json.dumps(config.get(key), sort_keys=True, default=str) for config in configs.values()}) > 1)

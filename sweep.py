@@ -63,7 +63,7 @@ def script_defaults(script: str) -> dict:
         targets = [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
         if "CONFIG" in targets:
             try:
-                return utils._flatten(ast.literal_eval(node.value))
+                return utils.flatten(ast.literal_eval(node.value))
             except ValueError:
                 return {}
     return {}
@@ -100,7 +100,8 @@ def check_points(script: str, fixed: dict, points: list[dict], names: list[str])
         try:
             if module is not None:
                 utils.parse_config(module.CONFIG, arguments, getattr(module, "CHOICES", None),
-                                   getattr(module, "POSITIVE", ()), script)
+                                   getattr(module, "POSITIVE", ()), script, non_negative=getattr(module, "NON_NEGATIVE", ()),
+                                   fractions=getattr(module, "FRACTIONS", ()), integers=getattr(module, "INTEGERS", ()))
             else:
                 utils.parse_config(_unflatten(script_defaults(script)), arguments, script=script)
         except utils.LabError as error:

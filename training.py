@@ -17,6 +17,7 @@ from transformers import Trainer
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
+import loggers
 import utils
 from utils import LabError
 
@@ -40,7 +41,7 @@ def trainer_reporters(config: dict) -> list[str]:
                                   ("wandb", config["wandb_mode"] != "disabled")) if on]
 
 
-def start_trainer_run(config: dict, state, exercise: str) -> tuple[Path, "utils.RunLoggers | None"]:
+def start_trainer_run(config: dict, state, exercise: str) -> tuple[Path, "loggers.RunLoggers | None"]:
     """(run folder, loggers) for a Trainer run: the folder is made by the main process and broadcast, so
     every process writes the same one; the loggers (main process only) start the W&B run that the
     Trainer's WandbCallback then logs into, and its TensorBoard callback writes next to ours."""
@@ -55,10 +56,10 @@ def start_trainer_run(config: dict, state, exercise: str) -> tuple[Path, "utils.
     run_dir = Path(run_dir[0])
     if state.is_main_process:  # what the checkpoints are trained with: a later resume=True is compared with it
         utils.write_atomic(run_dir / RUN_CONFIG, json.dumps(config, indent=2).encode())
-    utils.configure_wandb_env(config, run_dir, exercise)  # every process: wandb_mode=online without a key stops all
+    loggers.configure_wandb_env(config, run_dir, exercise)  # every process: wandb_mode=online without a key stops all
     if config["tensorboard"]:
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
-    return run_dir, utils.RunLoggers(run_dir, config, exercise) if state.is_main_process else None
+    return run_dir, loggers.RunLoggers(run_dir, config, exercise) if state.is_main_process else None
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
@@ -146,7 +147,7 @@ class StopOnSignal:
 # ---------------------------------------------------------------------------------------------
 
 CHOICES = {"lr_scheduler_type": ("linear", "cosine", "constant", "constant_with_warmup"),
-           "mixed_precision": ("auto", "no", "bf16", "fp16"), "wandb_mode": utils.WANDB_MODES}
+           "mixed_precision": ("auto", "no", "bf16", "fp16"), "wandb_mode": loggers.WANDB_MODES}
 POSITIVE = ("max_train_samples", "max_eval_samples", "learning_rate", "num_train_epochs", "max_steps", "batch_size",
             "eval_batch_size", "gradient_accumulation_steps", "eval_steps", "logging_steps", "save_total_limit",
             "lora.r", "lora.alpha", "lora.learning_rate")
@@ -184,14 +185,14 @@ def check_resume(config: dict) -> None:
     if not run_dir.is_dir():
         return  # nothing to continue: the run starts afresh
     try:
-        old = utils._flatten(json.loads(path.read_text()))
+        old = utils.flatten(json.loads(path.read_text()))
     except (OSError, ValueError) as error:
         if loud:
             print(f"warning: cannot check that resume=True keeps the settings of {run_dir}: {path.name} is "
                   f"{'missing (a run from an older version)' if not path.exists() else f'unreadable ({error})'}",
                   file=sys.stderr)
         return
-    new = utils._flatten(config)
+    new = utils.flatten(config)
     changed = [f"{key} {old[key]!r} -> {new[key]!r}" for key in new
                if key in old and key not in OUTPUT_ONLY and old[key] != new[key]]
     if changed and not config["resume_changes"]:

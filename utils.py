@@ -1,6 +1,6 @@
-"""Plumbing for every script: config and CLI, seeding and devices, run folders, loggers, atomic writes.
+"""Plumbing for every script: config and CLI, seeding and devices, run folders, atomic writes.
 
-Nothing here knows about models, data or training; those live in hub.py, data.py and training.py.
+Nothing here knows about models, data or training (hub.py, data.py, training.py) or loggers (loggers.py).
 """
 from __future__ import annotations
 
@@ -16,9 +16,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-
-
-WANDB_MODES = ("offline", "online", "disabled")
 
 
 class LabError(Exception):
@@ -78,11 +75,11 @@ def parse_value(text: str, default):
     return text
 
 
-def _flatten(config: dict, prefix: str = "") -> dict:
+def flatten(config: dict, prefix: str = "") -> dict:
     flat = {}
     for key, value in config.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
@@ -132,7 +129,7 @@ def config_comments(script: Path) -> dict:
 def format_config(config: dict, choices: dict | None = None, comments: dict | None = None) -> str:
     """Every key with its default, what it does (`comments`) and its allowed values."""
     choices, comments = choices or {}, comments or {}
-    flat = _flatten(config)
+    flat = flatten(config)
     width = max((len(f"{key}={value!r}") for key, value in flat.items()), default=0)
     lines = []
     for key, value in flat.items():
@@ -158,7 +155,7 @@ def parse_config(defaults: dict, argv: list[str], choices: dict | None = None,
     """
     choices = choices or {}
     config = json.loads(json.dumps(defaults))
-    flat_defaults = _flatten(defaults)
+    flat_defaults = flatten(defaults)
     if any(arg in ("-h", "--help") for arg in argv):
         source = Path(script)
         comments = config_comments(source) if source.is_file() else {}
@@ -179,7 +176,7 @@ def parse_config(defaults: dict, argv: list[str], choices: dict | None = None,
             kind = type(default).__name__ if default is not None else "value"
             raise LabError(f"bad value {text!r} for {key!r} (a {kind}; default {default!r}): {error}")
         _set(config, key, value)
-    flat = _flatten(config)
+    flat = flatten(config)
     for key, allowed in choices.items():
         value = flat[key]
         values = value if isinstance(value, list) else [value]
@@ -361,98 +358,6 @@ def prepare_run_dir(output_dir: str, run_name: str | None, exercise: str,
             hint = "overwrite=True replaces it" + (", resume=True continues it" if resume is not None else "")
             print(f"run folder {run_dir} is taken; writing this run to {candidate.name} ({hint})")
         return candidate
-
-
-# ---------------------------------------------------------------------------------------------
-# Loggers: TensorBoard event files and W&B, both inside the run folder
-# ---------------------------------------------------------------------------------------------
-
-
-def wandb_has_key() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    return netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
-
-
-def configure_wandb_env(config: dict, run_dir: Path, exercise: str) -> str:
-    """Set W&B's environment so it never prompts and writes inside the run folder.
-
-    Returns the effective mode. `online` without a key is an error before any training starts.
-    """
-    mode = config["wandb_mode"]
-    if mode == "online" and not wandb_has_key():
-        raise LabError("wandb_mode='online' but no W&B API key is configured (WANDB_API_KEY or "
-                       "`wandb login`); use wandb_mode=offline and `wandb sync` later, or wandb_mode=disabled")
-    os.environ["WANDB_MODE"] = mode
-    os.environ["WANDB_DIR"] = str(run_dir)
-    os.environ["WANDB_PROJECT"] = config.get("wandb_project") or "transformer-labs"
-    os.environ["WANDB_SILENT"] = "true"
-    os.environ.setdefault("WANDB_DISABLE_GIT", "true")
-    os.environ.setdefault("WANDB_CONSOLE", "off")
-    return mode
-
-
-def wandb_run_id(run_dir: Path) -> str:
-    """The W&B run id of this run folder, made on first use and kept in it: a run continued with
-    resume=True logs into the same W&B run instead of starting a second one with the same name."""
-    path = Path(run_dir) / ".wandb_run_id"
-    if not path.exists():
-        path.write_text(os.urandom(6).hex())
-    return path.read_text().strip()
-
-
-class RunLoggers:
-    """TensorBoard + W&B behind one small interface; either may be off."""
-
-    def __init__(self, run_dir: Path, config: dict, exercise: str):
-        self.tensorboard = None
-        self.wandb_run = None
-        if config.get("tensorboard", True):
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tensorboard = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-            self.tensorboard.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```")
-        if configure_wandb_env(config, run_dir, exercise) != "disabled":
-            import wandb
-
-            self.wandb_run = wandb.init(project=os.environ["WANDB_PROJECT"], name=run_dir.name,
-                                        id=wandb_run_id(run_dir), resume="allow",
-                                        dir=str(run_dir), config=config, job_type=exercise,
-                                        reinit="finish_previous")
-
-    def log_metrics(self, metrics: dict, prefix: str = "", step: int = 0) -> None:
-        flat = {f"{prefix}{key}": value for key, value in _flatten(metrics).items()
-                if isinstance(value, (int, float)) and not isinstance(value, bool)}
-        if self.tensorboard:
-            for key, value in flat.items():
-                self.tensorboard.add_scalar(key.replace(".", "/"), value, step)
-        if self.wandb_run:
-            self.wandb_run.log({key.replace(".", "/"): value for key, value in flat.items()}, step=step)
-
-    def log_figure(self, tag: str, figure, step: int = 0) -> None:
-        """Log a matplotlib figure to both, then close it (pyplot keeps every open figure alive)."""
-        import matplotlib.pyplot as plt
-
-        if self.tensorboard:
-            self.tensorboard.add_figure(tag, figure, step, close=False)
-        if self.wandb_run:
-            import wandb
-
-            self.wandb_run.log({tag: wandb.Image(figure)}, step=step)
-        plt.close(figure)
-
-    def log_text(self, tag: str, text: str) -> None:
-        if self.tensorboard:
-            self.tensorboard.add_text(tag, "```\n" + text + "\n```")
-        if self.wandb_run:
-            self.wandb_run.summary[tag] = text
-
-    def finish(self) -> None:
-        if self.tensorboard:
-            self.tensorboard.close()
-        if self.wandb_run:
-            self.wandb_run.finish()
 
 
 # ---------------------------------------------------------------------------------------------

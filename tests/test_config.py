@@ -96,7 +96,7 @@ def test_help_describes_every_key_from_the_comment_beside_it(script):
     result = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
     lines = {line.strip().split("=", 1)[0]: line for line in result.stdout.splitlines() if "=" in line}
-    for key in utils._flatten(importlib.import_module(script.removesuffix(".py")).CONFIG):
+    for key in utils.flatten(importlib.import_module(script.removesuffix(".py")).CONFIG):
         description = lines[key].split("  # ", 1)[1] if "  # " in lines[key] else ""
         assert len(description) > 8, f"{script}: {key} has no description"
     assert "# lora:" in result.stdout or script == "exercise_1.py"
@@ -151,7 +151,7 @@ def test_every_number_in_every_config_has_a_range(script):
 
     module = importlib.import_module(script)
     ranged = {*module.POSITIVE, *getattr(module, "NON_NEGATIVE", ()), *getattr(module, "FRACTIONS", ()), "seed"}
-    for key, default in utils._flatten(module.CONFIG).items():
+    for key, default in utils.flatten(module.CONFIG).items():
         numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
         counted = default is None and key.startswith("max_")
         if numeric or counted:

@@ -9,6 +9,7 @@ import pytest
 
 import hub
 import exercise_1
+import loggers
 import utils
 from conftest import ROOT
 
@@ -32,8 +33,8 @@ def test_wandb_online_without_a_key_stops_before_anything_runs(tmp_path, monkeyp
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     with pytest.raises(utils.LabError, match="no W&B API key"):
-        utils.configure_wandb_env({"wandb_mode": "online"}, tmp_path, "exercise_1")
-    assert utils.configure_wandb_env({"wandb_mode": "offline"}, tmp_path, "exercise_1") == "offline"
+        loggers.configure_wandb_env({"wandb_mode": "online"}, tmp_path, "exercise_1")
+    assert loggers.configure_wandb_env({"wandb_mode": "offline"}, tmp_path, "exercise_1") == "offline"
     assert os.environ["WANDB_DIR"] == str(tmp_path) and os.environ["WANDB_MODE"] == "offline"
 
 
@@ -43,14 +44,14 @@ def test_a_resumed_run_logs_into_the_same_wandb_run(tmp_path):
     config = {"wandb_mode": "offline", "tensorboard": False}
 
     def wandb_ids(run_dir):
-        utils.RunLoggers(run_dir, config, "exercise_2").finish()
+        loggers.RunLoggers(run_dir, config, "exercise_2").finish()
         return {path.stem.removeprefix("run-") for path in (run_dir / "wandb").glob("offline-run-*/run-*.wandb")}
 
     first, other = tmp_path / "cut", tmp_path / "other"
     first.mkdir(), other.mkdir()
-    assert wandb_ids(first) == {utils.wandb_run_id(first)}
-    assert wandb_ids(first) == {utils.wandb_run_id(first)}  # the resumed session: same id, no second run
-    assert wandb_ids(other) == {utils.wandb_run_id(other)} != {utils.wandb_run_id(first)}
+    assert wandb_ids(first) == {loggers.wandb_run_id(first)}
+    assert wandb_ids(first) == {loggers.wandb_run_id(first)}  # the resumed session: same id, no second run
+    assert wandb_ids(other) == {loggers.wandb_run_id(other)} != {loggers.wandb_run_id(first)}
 
 
 @pytest.mark.skipif(os.name != "posix", reason="permissions")
