@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None):
         model, tokenizer = load_encoder(config["model_name"], config["trust_remote_code"])
     device = utils.best_device()
     run_dir = utils.prepare_run_dir(config["output_dir"], config["run_name"], "exercise_1", config["overwrite"])
-    loggers = loggers.RunLoggers(run_dir, config, "exercise_1")
+    logger = loggers.RunLoggers(run_dir, config, "exercise_1")
 
     # 4. one feature vector per text, cached on disk keyed by everything that changes it; texts are cut at
     #    max_length tokens, or at the model's own limit when that is lower
@@ -124,9 +124,9 @@ def main(argv: list[str] | None = None):
             reports[stage] = evaluate.classification_report_text(labels["test"], predicted, label_names)
         figure = plots.plot_confusion_matrix(np.asarray(matrices[stage]["test"]), label_names,
                                                 run_dir / f"confusion_{stage}_test.png", f"{stage} on test")
-        loggers.log_figure(f"{stage}/confusion_test", figure)
-        loggers.log_text(f"{stage}/classification_report_test", reports[stage])
-        loggers.log_metrics(metrics[stage], prefix=f"{stage}.")
+        logger.log_figure(f"{stage}/confusion_test", figure)
+        logger.log_text(f"{stage}/classification_report_test", reports[stage])
+        logger.log_metrics(metrics[stage], prefix=f"{stage}.")
     timing["total"] = round(time.perf_counter() - start, 3)
 
     # 7. results file and summary
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None):
                            label_names=label_names, classifiers=chosen, confusion_matrices=matrices,
                            classification_reports=reports, throughput_sentences_per_s=throughput,
                            data_sizes={split: len(dataset) for split, dataset in splits.items()})
-    loggers.finish()
+    logger.finish()
     print(f"\n{evaluate.results_table(metrics)}\n\nrun folder: {run_dir}")
     return run_dir
 
@@ -197,7 +197,7 @@ def length_batches(lengths: list[int], batch_size: int, max_tokens: int | None =
 
 def extract_features(model, tokenizer, texts: list[str], pooling: str = "cls", max_length: int = 128,
                      batch_size: int = 64, device: str = "cpu", desc: str = "features") -> np.ndarray:
-    """Pooled last-layer features (n, dim) float32, in the order of `texts`.
+    """Pooled last-layer features (n, dim) float32, in the order of `texts` (max_length within the model's limit).
 
     Tokenizes once without padding, then runs batches of similar length (sorted, longest first so
     an out-of-memory shows at once) so padding costs almost nothing. On CPU, batches also hold at
@@ -210,7 +210,6 @@ def extract_features(model, tokenizer, texts: list[str], pooling: str = "cls", m
     import torch
     from tqdm.auto import tqdm
 
-    max_length = hub.usable_max_length(max_length, tokenizer, model.config)
     encoded = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
     batches = length_batches([len(ids) for ids in encoded], batch_size, CPU_BATCH_TOKENS if device == "cpu" else None)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
