@@ -164,8 +164,11 @@ def main(argv: list[str] | None = None, callbacks=()):
     matrices, reports = {}, {}
     for stage, predictions in outputs.items():
         matrices[stage] = {split: evaluate.confusion(labels, predicted, len(label_names)).tolist()
-                           for split, (labels, predicted) in predictions.items()}
-        reports[stage] = evaluate.classification_report_text(*predictions["test"], label_names)
+                           for split, (labels, predicted, _) in predictions.items()}
+        reports[stage] = evaluate.classification_report_text(*predictions["test"][:2], label_names)
+        for split, (labels, predicted, scores) in predictions.items():
+            evaluate.write_predictions(run_dir, stage, split, range(len(labels)), splits[split]["text"], labels,
+                                       predicted, scores, label_names)
     curves = plots.plot_training_curves(trainer.state.log_history, run_dir / "training_curves.png")
     confusion = plots.plot_confusion_matrix(np.asarray(matrices["fine_tuned"]["test"]), label_names,
                                                run_dir / "confusion_fine_tuned_test.png", "fine-tuned on test")
@@ -241,8 +244,8 @@ def load_classifier(model_name: str, label_names: list[str], trust_remote_code: 
 
 
 def evaluate_stage(trainer, datasets) -> tuple[dict, dict, dict]:
-    """Metrics, (labels, predicted ids) and samples/s per split; only argmax ids are kept, so
-    memory does not grow with the evaluation set."""
+    """Metrics, (labels, predicted ids, winning probabilities) and samples/s per split; only those two
+    numbers per example are kept (evaluate.preprocess_logits_for_metrics), not every class's logit."""
     metrics, outputs, speed = {}, {}, {}
     for split in ("validation", "test"):
         output = trainer.predict(datasets[split], metric_key_prefix=split)
@@ -250,7 +253,8 @@ def evaluate_stage(trainer, datasets) -> tuple[dict, dict, dict]:
         speed[split] = values.pop("samples_per_second")
         metrics[split] = {key: value for key, value in values.items()
                           if key not in ("runtime", "steps_per_second", "model_preparation_time")}
-        outputs[split] = (np.asarray(output.label_ids), np.asarray(output.predictions))
+        predicted, scores = output.predictions
+        outputs[split] = (np.asarray(output.label_ids), np.asarray(predicted), np.asarray(scores))
     return metrics, outputs, speed
 
 

@@ -62,9 +62,10 @@ def test_tokenize_leaves_padding_to_the_collator(tiny_distilbert, rt_dir):
 def test_trainer_metrics_on_hand_computed_example():
     logits = torch.tensor([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
     labels = np.array([1, 0, 0, 0])  # predictions 1 0 1 0
-    ids = evaluate.preprocess_logits_for_metrics(logits, None)
+    ids, scores = evaluate.preprocess_logits_for_metrics(logits, None)
     assert ids.tolist() == [1, 0, 1, 0]
-    for predictions in (ids.numpy(), logits.numpy()):
+    assert scores.tolist() == pytest.approx(logits.softmax(-1).max(-1).values.tolist())
+    for predictions in ((ids.numpy(), scores.numpy()), ids.numpy(), logits.numpy()):
         metrics = evaluate.compute_metrics(EvalPrediction(predictions=predictions, label_ids=labels))
         assert metrics["accuracy"] == pytest.approx(0.75)
         assert metrics["precision_macro"] == pytest.approx((1.0 + 0.5) / 2)
