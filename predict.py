@@ -81,6 +81,18 @@ def load_run(folder: str) -> tuple[Path, dict]:
     return run_dir, results
 
 
+def model_source(run_dir: Path, config: dict, name: str) -> str:
+    """`name` as the run saw it: a relative model folder is looked up from the folder the run was started
+    in (found from the run folder and the relative output_dir), when it is not found from here."""
+    output_dir = Path(str(config.get("output_dir", "runs")))
+    if Path(name).expanduser().exists() or Path(name).is_absolute() or output_dir.is_absolute():
+        return name
+    origin = run_dir.resolve().parent
+    for _ in output_dir.parts:
+        origin = origin.parent
+    return str(origin / name) if (origin / name).exists() else name
+
+
 def choose_stage(results: dict, stage: str | None) -> str:
     exercise, metrics = results["exercise"], results.get("metrics") or {}
     if exercise == "exercise_3":
@@ -164,7 +176,8 @@ def predict_exercise_1(run_dir: Path, results: dict, texts: list[str], stage: st
     import exercise_1
 
     classifier, encoder = exercise_1.load_classifier(run_dir, stage)
-    model, tokenizer = exercise_1.load_encoder(encoder["model_name"], encoder.get("trust_remote_code", False))
+    model, tokenizer = exercise_1.load_encoder(model_source(run_dir, results["config"], encoder["model_name"]),
+                                               encoder.get("trust_remote_code", False))
     features = exercise_1.extract_features(model, tokenizer, texts, encoder["pooling"], encoder["max_length"],
                                            batch_size, utils.best_device(), desc="features")
     predicted, scores = exercise_1.predict_scored(classifier, features)
@@ -197,13 +210,15 @@ def predict_exercise_2(run_dir: Path, results: dict, texts: list[str], stage: st
 
     if lora:
         utils.set_seed(config["seed"])   # as the run did: any head weight the adapter lacks starts the same
-        model, tokenizer = exercise_2.load_classifier(config["model_name"], names, config["trust_remote_code"])
+        model, tokenizer = exercise_2.load_classifier(model_source(run_dir, config, config["model_name"]), names,
+                                                      config["trust_remote_code"])
         model = LoRA.load_adapter(model, run_dir / "adapter")
     else:
         model = AutoModelForSequenceClassification.from_pretrained(checkpoint, use_safetensors=None)
         has_tokenizer = any((checkpoint / name).exists() for name in hub.TOKENIZER_FILES)
         tokenizer = hub.load_tokenizer(str(checkpoint) if has_tokenizer else
-                                       hub.resolve_pretrained(config["model_name"]), config["trust_remote_code"])
+                                       hub.resolve_pretrained(model_source(run_dir, config, config["model_name"])),
+                                       config["trust_remote_code"])
     device = utils.best_device()
     model.eval().to(device)
     max_length = min(config["max_length"], tokenizer.model_max_length)
@@ -226,14 +241,15 @@ def predict_exercise_3(run_dir: Path, results: dict, paths: list[str], stage: st
     import LoRA
 
     config, names = results["config"], results["label_names"]
-    model, tokenizer, image_processor = clip.load_clip(config["model_name"], config["trust_remote_code"])
+    if stage == "lora" and not (run_dir / "adapter" / "adapter_config.json").is_file():
+        raise LabError(f"{run_dir} has no adapter/ (adapter_config.json): the run did not finish")
+    if stage == "fine_tuned" and not (run_dir / "model" / "config.json").is_file():
+        raise LabError(f"{run_dir} has no model/ folder: the run did not finish (or predates predict.py)")
+    model, tokenizer, image_processor = clip.load_clip(model_source(run_dir, config, config["model_name"]),
+                                                       config["trust_remote_code"])
     if stage == "lora":
-        if not (run_dir / "adapter" / "adapter_config.json").is_file():
-            raise LabError(f"{run_dir} has no adapter/ (adapter_config.json): the run did not finish")
         model = LoRA.load_adapter(model, run_dir / "adapter")
     elif stage == "fine_tuned":
-        if not (run_dir / "model" / "config.json").is_file():
-            raise LabError(f"{run_dir} has no model/ folder: the run did not finish (or predates predict.py)")
         from transformers import CLIPModel
 
         model = CLIPModel.from_pretrained(run_dir / "model")

@@ -139,6 +139,18 @@ def test_exercise_3_predict_agrees_with_the_run(tmp_path, tiny_clip_dir, tiny_im
                  zero_shot, top5=True)
 
 
+def test_a_relative_model_folder_is_found_from_where_the_run_started(tmp_path, monkeypatch):
+    (tmp_path / "project" / "models" / "enc").mkdir(parents=True)
+    run_dir = tmp_path / "project" / "runs" / "sweep" / "point"
+    run_dir.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    config = {"output_dir": "runs/sweep"}
+    assert predict.model_source(run_dir, config, "models/enc") == str(tmp_path / "project" / "models" / "enc")
+    assert predict.model_source(run_dir, config, "org/hub-id") == "org/hub-id"       # not a folder: a Hub id
+    monkeypatch.chdir(tmp_path / "project")
+    assert predict.model_source(run_dir, config, "models/enc") == "models/enc"        # found from here
+
+
 # ---------------------------------------------------------------------------------------------
 # Errors: one line, exit code 2
 # ---------------------------------------------------------------------------------------------
@@ -197,6 +209,7 @@ def test_bad_flags_and_inputs_are_refused_before_any_model_loads(tmp_path, tiny_
             ((text_run, table), "has no column 'text' .*set --text-column"),
             ((text_run, image), "is an image; this run classifies text"),
             ((text_run, "good", "--output", tmp_path / "no" / "out.csv"), "folder .* does not exist"),
+            ((image_run, image), "has no adapter/ .*the run did not finish"),
             ((image_run, "a cat"), "'a cat' is not an image file or folder"),
             ((image_run, table), "is not an image file"),
             ((image_run, image, "--stage", "svc"), "predicts with lora or zero_shot")):
