@@ -254,8 +254,25 @@ def evaluate_stage(trainer, datasets) -> tuple[dict, dict, dict]:
         metrics[split] = {key: value for key, value in values.items()
                           if key not in ("runtime", "steps_per_second", "model_preparation_time")}
         predicted, scores = output.predictions
-        outputs[split] = (np.asarray(output.label_ids), np.asarray(predicted), np.asarray(scores))
+        outputs[split] = in_row_order(trainer, datasets[split], output.label_ids, predicted, scores)
     return metrics, outputs, speed
+
+
+def in_row_order(trainer, dataset, *arrays) -> tuple:
+    """Trainer.predict's per-example outputs put back in the dataset's row order. With group_by_length
+    the Trainer also evaluates in a seeded, length-grouped order (transformers' _get_eval_sampler, built
+    anew and identically on every call), so its outputs are a permutation of the rows."""
+    sampler = trainer._get_eval_sampler(dataset)
+    order = np.arange(len(dataset)) if sampler is None else np.fromiter(iter(sampler), dtype=np.int64)
+    rows = []
+    for array in arrays:
+        array = np.asarray(array)
+        in_order = np.empty_like(array)
+        in_order[order] = array
+        rows.append(in_order)
+    if not np.array_equal(rows[0], np.asarray(dataset["label"])):
+        raise RuntimeError("evaluation order not recovered: Trainer.predict's labels differ from the dataset's")
+    return tuple(rows)
 
 
 def peak_memory(device: str) -> dict:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import data
 import evaluate
 import exercise_1
 import exercise_2
@@ -32,11 +33,13 @@ CLASSIFICATION = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "pr
                   "recall_weighted", "f1_weighted")
 
 
-def check_predictions_files(run_dir: Path) -> dict:
+def check_predictions_files(run_dir: Path, dataset) -> dict:
     """Every (stage, split) in results.json has its predictions file, with one row per evaluated example,
+    each row's id, input and true label are those of that row of `dataset` (the run's data, loaded again),
     and the metrics recomputed from it are results.json's. Returns {(stage, split): rows}."""
     results = read_results(run_dir)
     index = {name: i for i, name in enumerate(results["label_names"])}
+    column = "image" if results["exercise"] == "exercise_3" else "text"
     files = {}
     for stage, splits in results["metrics"].items():
         for split, metrics in splits.items():
@@ -47,6 +50,9 @@ def check_predictions_files(run_dir: Path) -> dict:
                 "exercise_3" else np.asarray(results["confusion_matrices"][stage]).sum()
             assert len(rows) == evaluated == results["data_sizes"][split], (stage, split)
             assert len({row["id"] for row in rows}) == len(rows)
+            inputs, labels_by_row = list(dataset[split][column]), list(dataset[split]["label"])
+            assert [(row["input"], row["label"]) for row in rows] == \
+                [(inputs[row["id"]], results["label_names"][labels_by_row[row["id"]]]) for row in rows]
             recomputed = evaluate.classification_metrics(labels, predicted)
             for name in CLASSIFICATION:
                 assert recomputed[name] == pytest.approx(metrics[name], abs=1e-9), (stage, split, name)
@@ -60,7 +66,7 @@ def check_predictions_files(run_dir: Path) -> dict:
 def assert_agree(ours: list[dict], theirs: list[dict], top5: bool = False) -> None:
     assert [row["input"] for row in ours] == [row["input"] for row in theirs]
     assert [row["predicted"] for row in ours] == [row["predicted"] for row in theirs]
-    assert [row["score"] for row in ours] == pytest.approx([row["score"] for row in theirs], rel=1e-3, abs=1e-4)
+    assert [row["score"] for row in ours] == pytest.approx([row["score"] for row in theirs], rel=1e-3, abs=1e-5)
     if top5:
         assert [row["top5"] for row in ours] == [row["top5"] for row in theirs]
 
@@ -69,7 +75,8 @@ def test_exercise_1_predict_agrees_with_the_run(tmp_path, tiny_distilbert, rt_di
     run_dir = exercise_1.main([f"model_name={tiny_distilbert}", f"dataset={rt_dir}", f"output_dir={tmp_path}",
                                "max_train_samples=200", "max_eval_samples=60", "eval_batch_size=16", "pooling=mean",
                                "wandb_mode=disabled", "tensorboard=false", "cache_features=false"])
-    files = check_predictions_files(run_dir)
+    files = check_predictions_files(run_dir, data.load_text_dataset(str(rt_dir), seed=42, max_train_samples=200,
+                                                                    max_eval_samples=60))
     assert {path.name for path in (run_dir / "classifiers").iterdir()} == {"svc.skops", "logreg.skops", "encoder.json"}
     for stage in ("svc", "logreg"):
         theirs = files[stage, "test"][:8]
@@ -88,7 +95,8 @@ def test_exercise_1_predict_agrees_with_the_run(tmp_path, tiny_distilbert, rt_di
 
     # REPORT.md lists the run's surest mistakes of that stage, read from the same file
     mistakes = report.confident_mistakes(report.load_runs(tmp_path)[0])
-    wrong = sorted((row for row in files[best, "test"] if row["label"] != row["predicted"]), key=lambda row: -row["score"])
+    wrong = sorted((row for row in files[best, "test"] if row["label"] != row["predicted"]),
+                   key=lambda row: -row["score"])
     assert [row["id"] for row in mistakes] == [row["id"] for row in wrong[:3]] and len(mistakes) == 3
     section = "\n".join(report.mistakes_section(report.load_runs(tmp_path)))
     assert "## Most confident mistakes" in section and f"| {best} / test |" in section
@@ -98,7 +106,8 @@ def test_exercise_1_predict_agrees_with_the_run(tmp_path, tiny_distilbert, rt_di
 def test_exercise_2_predict_agrees_with_the_run(tmp_path, tiny_distilbert, rt_dir, lora):
     run_dir = exercise_2.main(tiny_args_2(tiny_distilbert, rt_dir, tmp_path, max_steps=4, eval_steps=2,
                                           **{"lora.enabled": lora, "lora.r": 4, "lora.learning_rate": 1e-2}))
-    files = check_predictions_files(run_dir)
+    files = check_predictions_files(run_dir, data.load_text_dataset(str(rt_dir), seed=0, max_train_samples=96,
+                                                                    max_eval_samples=32))
     assert set(files) == {(stage, split) for stage in ("pretrained", "fine_tuned") for split in ("validation", "test")}
     before = [row["score"] for row in files["pretrained", "test"]]
     assert [row["score"] for row in files["fine_tuned", "test"]] != pytest.approx(before, abs=1e-3)
@@ -119,7 +128,9 @@ def tiny_clip_dir(tmp_path_factory, clip_tokenizer_dir):
 def test_exercise_3_predict_agrees_with_the_run(tmp_path, tiny_clip_dir, tiny_imagenet_dir, lora):
     run_dir = exercise_3.main(tiny_args_3(tiny_clip_dir, tiny_imagenet_dir, tmp_path / "runs", prompts="ensemble",
                                           learning_rate=1e-3, **{"lora.enabled": lora}))
-    files = check_predictions_files(run_dir)
+    images = data.load_image_dataset(str(tiny_imagenet_dir), seed=0, max_train_samples=32, max_eval_samples=16,
+                                     max_classes=4)
+    files = check_predictions_files(run_dir, images)
     trained = "lora" if lora else "fine_tuned"     # every weight trained: the whole model is in <run>/model
     assert set(files) == {("zero_shot", "validation"), (trained, "validation")}
     before = {row["id"]: row["score"] for row in files["zero_shot", "validation"]}
