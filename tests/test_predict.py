@@ -25,6 +25,7 @@ import report
 import utils
 from conftest import ROOT, read_results
 from test_exercise_2 import tiny_args as tiny_args_2
+from test_clip import write_truncated_jpeg
 from test_exercise_3 import tiny_args as tiny_args_3
 from tools import build_tiny_clip
 
@@ -145,6 +146,8 @@ def test_exercise_3_predict_agrees_with_the_run(tmp_path, tiny_clip_dir, tiny_im
     copied = {Path(row["input"]).name: row for row in theirs[1:]}
     expected = [theirs[0], *(copied[Path(row["input"]).name] for row in ours[1:])]
     assert_agree(ours, [{**row, "input": mine["input"]} for row, mine in zip(expected, ours)], top5=True)
+    with pytest.raises(utils.LabError, match="cannot read image .*cut.jpg"):      # a corrupt image: one line
+        predict.main([str(run_dir), str(folder), str(write_truncated_jpeg(tmp_path / "cut.jpg"))])
     zero_shot = files["zero_shot", "validation"][:4]
     assert_agree(predict.main([str(run_dir), *(row["input"] for row in zero_shot), "--stage", "zero_shot"]),
                  zero_shot, top5=True)
