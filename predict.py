@@ -14,6 +14,7 @@ trained), class names and prompts. The score is the predicted class's probabilit
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import sys
@@ -207,6 +208,7 @@ def predict_exercise_2(run_dir: Path, results: dict, texts: list[str], stage: st
     import exercise_2
     import hub
     import LoRA
+    import training
 
     if lora:
         utils.set_seed(config["seed"])   # as the run did: any head weight the adapter lacks starts the same
@@ -222,8 +224,12 @@ def predict_exercise_2(run_dir: Path, results: dict, texts: list[str], stage: st
     device = utils.best_device()
     model.eval().to(device)
     max_length = min(config["max_length"], tokenizer.model_max_length)
+    # the precision the run evaluated in: the Trainer autocasts to bf16/fp16 on CUDA with mixed precision
+    precision = training.trainer_precision(config.get("mixed_precision", "no"), device) if device == "cuda" else "no"
+    autocast = (torch.autocast(device, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+                if precision != "no" else contextlib.nullcontext())
     predicted, scores = [], []
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast:
         for start in range(0, len(texts), batch_size):
             batch = tokenizer(texts[start:start + batch_size], truncation=True, max_length=max_length, padding=True,
                               return_tensors="pt").to(device)
