@@ -195,6 +195,7 @@ class ZeroShotResult:
     most_confused: list
     skipped_images: list = field(default_factory=list)
     seconds: float = 0.0
+    scores: np.ndarray | None = None  # (n,) softmax probability of the best class (over the scaled cosines)
 
     @property
     def predictions(self) -> np.ndarray:
@@ -223,14 +224,14 @@ def evaluate_zero_shot(model, classifier: torch.Tensor, class_names: list[str], 
                        num_workers: int = 0, desc: str = "zero-shot", top_k: int = 5,
                        split: str = "validation") -> ZeroShotResult:
     """Classify every image of a transformed dataset against a zero-shot head (one row per class name).
-    Memory is bounded by one batch: per image only its label and top-k class ids are kept. A batch with
-    no readable image is skipped (its images counted); a `split` with none at all is a LabError."""
+    Memory is bounded by one batch: per image only its label, top-k class ids and best probability are kept.
+    A batch with no readable image is skipped (its images counted); a `split` with none at all is a LabError."""
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator, num_workers=num_workers)
     k = min(top_k, len(classifier))
-    labels, best, rows, skipped = [], [], [], []
+    labels, best, scores, rows, skipped = [], [], [], [], []
     start = time.perf_counter()
     offset = 0
     with torch.inference_mode():
@@ -238,7 +239,9 @@ def evaluate_zero_shot(model, classifier: torch.Tensor, class_names: list[str], 
             skipped += batch.get("skipped_images", [])
             if len(batch["labels"]):
                 logits = zero_shot_logits(model, batch["pixel_values"], classifier)
-                best.append(logits.topk(k, dim=-1).indices.cpu().numpy())
+                top = logits.topk(k, dim=-1)
+                best.append(top.indices.cpu().numpy())
+                scores.append((top.values[:, 0] - logits.logsumexp(dim=-1)).exp().cpu().numpy())
                 labels.append(batch["labels"].numpy())
                 rows.append(offset + np.flatnonzero(batch["kept"].numpy()))
             offset += len(batch["kept"])
@@ -248,7 +251,8 @@ def evaluate_zero_shot(model, classifier: torch.Tensor, class_names: list[str], 
                        f"{skipped[0] if skipped else '-'}); nothing can be scored: check the image files")
     labels, best = np.concatenate(labels), np.concatenate(best)
     metrics, matrix, recall, pairs = zero_shot_metrics(labels, best, class_names)
-    return ZeroShotResult(metrics, labels, best, np.concatenate(rows), matrix, recall, pairs, skipped, seconds)
+    return ZeroShotResult(metrics, labels, best, np.concatenate(rows), matrix, recall, pairs, skipped, seconds,
+                          np.concatenate(scores))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,9 +1,11 @@
-"""Scores of every exercise: metrics, confusion matrices, classification reports, the results file.
+"""Scores of every exercise: metrics, confusion matrices, classification reports, the results file,
+and the per-sample predictions files.
 
 Pure functions over label arrays, so each can be checked against hand-computed values.
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -13,6 +15,7 @@ import numpy as np
 
 RESULTS_FILE = "results.json"
 CONFUSION_FILE = "confusion_matrices.json"   # beside results.json: 200 classes make 40,000 cells a matrix
+PREDICTIONS_DIR = "predictions"   # <run>/predictions/<stage>_<split>.csv
 
 
 def classification_metrics(labels, predictions, num_labels: int | None = None) -> dict:
@@ -37,16 +40,19 @@ def classification_metrics(labels, predictions, num_labels: int | None = None) -
 
 
 def preprocess_logits_for_metrics(logits, labels):
-    """For Trainer: keep only the argmax so evaluation memory does not grow with the eval set."""
+    """For Trainer: keep only (argmax id, its softmax probability) per row, so evaluation memory grows
+    by two numbers per example, not by the number of classes."""
     if isinstance(logits, tuple):
         logits = logits[0]
-    return logits.argmax(dim=-1)
+    probabilities = logits.float().softmax(dim=-1)
+    scores, ids = probabilities.max(dim=-1)
+    return ids, scores
 
 
 def compute_metrics(eval_pred) -> dict:
-    """For Trainer: accepts argmax ids (after preprocess_logits_for_metrics) or raw logits."""
+    """For Trainer: accepts (ids, scores) from preprocess_logits_for_metrics, argmax ids or raw logits."""
     predictions, labels = eval_pred.predictions, eval_pred.label_ids
-    if isinstance(predictions, tuple):
+    if isinstance(predictions, (tuple, list)):
         predictions = predictions[0]
     predictions = np.asarray(predictions)
     if predictions.ndim > 1:
@@ -127,6 +133,35 @@ def _write_json(path: Path, contents) -> Path:
     tmp.write_text(text)
     tmp.replace(path)
     return path
+
+
+def write_predictions(run_dir: Path, stage: str, split: str, rows, inputs, labels, predicted, scores,
+                      label_names: list[str], top_k=None) -> Path:
+    """Write `<run_dir>/predictions/<stage>_<split>.csv`, one line per evaluated example: `id` (its row in
+    the split), `input` (text or image path), `label` and `predicted` (class names), `score` (the winning
+    class's probability, or an SVC's margin) and, with `top_k` ((n, k) class ids, best first), `top5`:
+    the class names joined by `|`."""
+    path = Path(run_dir) / PREDICTIONS_DIR / f"{stage}_{split}.csv"
+    inputs = list(inputs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "input", "label", "predicted", "score", *(["top5"] if top_k is not None else [])])
+        for index, row in enumerate(rows):
+            line = [int(row), inputs[index], label_names[int(labels[index])], label_names[int(predicted[index])],
+                    f"{float(scores[index]):.6g}"]
+            if top_k is not None:
+                line.append("|".join(label_names[int(k)] for k in top_k[index]))
+            writer.writerow(line)
+    tmp.replace(path)
+    return path
+
+
+def read_predictions(path: Path) -> list[dict]:
+    """The rows of a predictions file, `id` as int and `score` as float."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        return [{**row, "id": int(row["id"]), "score": float(row["score"])} for row in csv.DictReader(handle)]
 
 
 def _json_default(value):

@@ -112,21 +112,26 @@ def main(argv: list[str] | None = None):
         print(f"extraction throughput (sentences/s): {throughput}")
 
     # 5-6. the classifiers, each a stage evaluated on validation and test
-    metrics, reports, matrices, chosen = {}, {}, {}, {}
+    #      (each split's per-sample predictions in <run>/predictions, each fitted classifier in <run>/classifiers)
+    metrics, reports, matrices, chosen, classifiers = {}, {}, {}, {}, {}
     for stage in ("svc", "logreg"):
         with utils.timed(timing, stage):
             classifier, chosen[stage] = fit_classifier(stage, config, features, labels)
+            classifiers[stage] = classifier
             metrics[stage], matrices[stage] = {}, {}
             for split in ("validation", "test"):
-                predicted = classifier.predict(features[split])
+                predicted, scores = predict_scored(classifier, features[split])
                 metrics[stage][split] = evaluate.classification_metrics(labels[split], predicted)
                 matrices[stage][split] = evaluate.confusion(labels[split], predicted, len(label_names)).tolist()
+                evaluate.write_predictions(run_dir, stage, split, range(len(predicted)), splits[split]["text"],
+                                           labels[split], predicted, scores, label_names)
             reports[stage] = evaluate.classification_report_text(labels["test"], predicted, label_names)
         figure = plots.plot_confusion_matrix(np.asarray(matrices[stage]["test"]), label_names,
                                                 run_dir / f"confusion_{stage}_test.png", f"{stage} on test")
         logger.log_figure(f"{stage}/confusion_test", figure)
         logger.log_text(f"{stage}/classification_report_test", reports[stage])
         logger.log_metrics(metrics[stage], prefix=f"{stage}.")
+    save_classifiers(run_dir, classifiers, config, label_names)
     timing["total"] = round(time.perf_counter() - start, 3)
 
     # 7. results file and summary
@@ -270,6 +275,62 @@ def fit_classifier(kind: str, config: dict, features: dict, labels: dict):
     if len(grid) > 1:
         print(f"{kind}: validation accuracy by C {scores} -> C={best[0]}")
     return best[1], {"C": best[0], "validation_accuracy_by_C": {str(C): s for C, s in scores.items()}}
+
+
+def predict_scored(classifier, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted class ids and a score for each: logistic regression's probability of that class, an SVC's
+    decision value for it (its margin from the boundary, in standardized feature units; larger = surer)."""
+    predicted = classifier.predict(features)
+    if hasattr(classifier, "predict_proba"):
+        probabilities = classifier.predict_proba(features)
+        return predicted, probabilities[np.arange(len(predicted)), np.searchsorted(classifier.classes_, predicted)]
+    decision = classifier.decision_function(features)
+    if decision.ndim == 1:                    # two classes: one signed margin, > 0 means the second class
+        return predicted, np.abs(decision)
+    return predicted, decision[np.arange(len(predicted)), np.searchsorted(classifier.classes_, predicted)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Saved classifiers (for predict.py): skops files, never pickle, plus what the features need
+# ---------------------------------------------------------------------------------------------
+
+CLASSIFIER_DIR = "classifiers"      # <run>/classifiers/<stage>.skops and encoder.json
+# every type a saved classifier may contain; loading refuses a file holding any other
+TRUSTED_TYPES = ["sklearn.pipeline.Pipeline", "sklearn.preprocessing._data.StandardScaler",
+                 "sklearn.svm._classes.SVC", "sklearn.linear_model._logistic.LogisticRegression"]
+
+
+def save_classifiers(run_dir, classifiers: dict, config: dict, label_names: list[str]) -> None:
+    """Each fitted classifier as `<stage>.skops` (no pickle), and `encoder.json`: the encoder, pooling and
+    max_length that make the features it expects, and the class names of its ids."""
+    import json
+
+    import skops.io
+
+    folder = run_dir / CLASSIFIER_DIR
+    folder.mkdir(exist_ok=True)
+    for stage, classifier in classifiers.items():
+        skops.io.dump(classifier, folder / f"{stage}.skops")
+    encoder = {key: config[key] for key in ("model_name", "pooling", "max_length", "trust_remote_code")}
+    (folder / "encoder.json").write_text(json.dumps({**encoder, "label_names": label_names}, indent=2))
+
+
+def load_classifier(run_dir, stage: str):
+    """(classifier, encoder.json's dict) saved by save_classifiers; a file holding types outside
+    TRUSTED_TYPES is refused without being loaded."""
+    import json
+
+    folder = run_dir / CLASSIFIER_DIR
+    path, info = folder / f"{stage}.skops", folder / "encoder.json"
+    if not path.is_file() or not info.is_file():
+        raise utils.LabError(f"{run_dir} has no saved {stage} classifier ({path.name} and encoder.json in "
+                             f"{folder}): an unfinished run, or one from before classifiers were saved")
+    import skops.io
+
+    untrusted = [name for name in skops.io.get_untrusted_types(file=path) if name not in TRUSTED_TYPES]
+    if untrusted:
+        raise utils.LabError(f"{path} holds types predict does not load: {untrusted}")
+    return skops.io.load(path, trusted=TRUSTED_TYPES), json.loads(info.read_text())
 
 
 if __name__ == "__main__":

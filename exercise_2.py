@@ -167,8 +167,11 @@ def main(argv: list[str] | None = None, callbacks=()):
     matrices, reports = {}, {}
     for stage, predictions in outputs.items():
         matrices[stage] = {split: evaluate.confusion(labels, predicted, len(label_names)).tolist()
-                           for split, (labels, predicted) in predictions.items()}
-        reports[stage] = evaluate.classification_report_text(*predictions["test"], label_names)
+                           for split, (labels, predicted, _) in predictions.items()}
+        reports[stage] = evaluate.classification_report_text(*predictions["test"][:2], label_names)
+        for split, (labels, predicted, scores) in predictions.items():
+            evaluate.write_predictions(run_dir, stage, split, range(len(labels)), splits[split]["text"], labels,
+                                       predicted, scores, label_names)
     curves = plots.plot_training_curves(trainer.state.log_history, run_dir / "training_curves.png")
     confusion = plots.plot_confusion_matrix(np.asarray(matrices["fine_tuned"]["test"]), label_names,
                                                run_dir / "confusion_fine_tuned_test.png", "fine-tuned on test")
@@ -245,8 +248,8 @@ def load_classifier(model_name: str, label_names: list[str], trust_remote_code: 
 
 
 def evaluate_stage(trainer, datasets) -> tuple[dict, dict, dict]:
-    """Metrics, (labels, predicted ids) and samples/s per split; only argmax ids are kept, so
-    memory does not grow with the evaluation set."""
+    """Metrics, (labels, predicted ids, winning probabilities) and samples/s per split; only those two
+    numbers per example are kept (evaluate.preprocess_logits_for_metrics), not every class's logit."""
     metrics, outputs, speed = {}, {}, {}
     for split in ("validation", "test"):
         output = trainer.predict(datasets[split], metric_key_prefix=split)
@@ -254,8 +257,26 @@ def evaluate_stage(trainer, datasets) -> tuple[dict, dict, dict]:
         speed[split] = values.pop("samples_per_second")
         metrics[split] = {key: value for key, value in values.items()
                           if key not in ("runtime", "steps_per_second", "model_preparation_time")}
-        outputs[split] = (np.asarray(output.label_ids), np.asarray(output.predictions))
+        predicted, scores = output.predictions
+        outputs[split] = in_row_order(trainer, datasets[split], output.label_ids, predicted, scores)
     return metrics, outputs, speed
+
+
+def in_row_order(trainer, dataset, *arrays) -> tuple:
+    """Trainer.predict's per-example outputs put back in the dataset's row order. With group_by_length
+    the Trainer also evaluates in a seeded, length-grouped order (transformers' _get_eval_sampler, built
+    anew and identically on every call), so its outputs are a permutation of the rows."""
+    sampler = trainer._get_eval_sampler(dataset)
+    order = np.arange(len(dataset)) if sampler is None else np.fromiter(iter(sampler), dtype=np.int64)
+    rows = []
+    for array in arrays:
+        array = np.asarray(array)
+        in_order = np.empty_like(array)
+        in_order[order] = array
+        rows.append(in_order)
+    if not np.array_equal(rows[0], np.asarray(dataset["label"])):
+        raise RuntimeError("evaluation order not recovered: Trainer.predict's labels differ from the dataset's")
+    return tuple(rows)
 
 
 def peak_memory(device: str) -> dict:

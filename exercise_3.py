@@ -163,6 +163,8 @@ def main(argv: list[str] | None = None, callbacks=()):
         train_output = trainer.train(resume_from_checkpoint=checkpoint)
     if main_process and config["lora"]["enabled"]:
         LoRA.save_adapter(model, run_dir / "adapter")
+    elif main_process:              # every weight trained: the whole model, for predict.py
+        model.save_pretrained(run_dir / "model")
 
     # 6. the trained stage: the same evaluation, its head built anew from the trained text tower
     with utils.timed(timing, "evaluate"):
@@ -198,6 +200,11 @@ def main(argv: list[str] | None = None, callbacks=()):
         loggers.log_metrics(metrics[stage], prefix=f"{stage}.", step=None)
     for tag, figure in figures.items():
         loggers.log_figure(f"{tuned}/{tag}", figure, step=None)
+    images = list(splits["validation"]["image"])
+    for stage, result in results.items():      # per image: its path, true class, top-5 and best probability
+        evaluate.write_predictions(run_dir, stage, "validation", result.rows,
+                                   [data.image_id(images[row]) for row in result.rows], result.labels,
+                                   result.predictions, result.scores, names, top_k=result.top_k)
     skipped = sorted(set().union(*(result.skipped_images for result in results.values()), trainer.skipped_images))
     if skipped:
         print(f"warning: {len(skipped)} unreadable images were skipped (bad_images=fail stops at the first)",

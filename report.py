@@ -315,6 +315,42 @@ def ablation_table(sweep: dict, rows: list[dict]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# Most confident mistakes, from each run's per-sample predictions files (evaluate.write_predictions)
+# ---------------------------------------------------------------------------------------------
+
+def confident_mistakes(run: dict, top: int = 3) -> list[dict]:
+    """Up to `top` wrong predictions with the highest scores, from the predictions file of the run's
+    stage best on validation, on test where it has one (none when the run wrote no such file)."""
+    from evaluate import PREDICTIONS_DIR, read_predictions
+
+    metrics = {stage: splits for stage, splits in (run.get("metrics") or {}).items() if splits}
+    if not metrics:
+        return []
+    stage = max(metrics, key=lambda name: (metrics[name].get("validation") or {}).get("accuracy") or 0.0)
+    split = headline_split(metrics[stage])
+    path = Path(run["path"]).parent / PREDICTIONS_DIR / f"{stage}_{split}.csv"
+    wrong = [row for row in read_predictions(path) if row["label"] != row["predicted"]] if path.is_file() else []
+    return [{**row, "stage": stage, "split": split} for row in sorted(wrong, key=lambda row: -row["score"])[:top]]
+
+
+def mistakes_section(runs: list[dict], top: int = 3) -> list[str]:
+    """REPORT.md lines: a table of every run's most confident mistakes (nothing when no run has any)."""
+    body = []
+    for run in runs:
+        for row in confident_mistakes(run, top):
+            text = short_name(row["input"]) if row["input"].startswith("/") else row["input"]
+            text = text if len(text) <= 90 else text[:87] + "..."
+            body.append([fmt(run["run"]), f"{row['stage']} / {row['split']}", fmt(text), fmt(row["label"]),
+                         fmt(row["predicted"]), fmt(row["score"])])
+    if not body:
+        return []
+    return ["", "## Most confident mistakes", "", f"Per run, the {top} wrong predictions it was surest of (its stage "
+            "best on validation; score: the predicted class's probability, an SVC's margin), from "
+            "`<run>/predictions/<stage>_<split>.csv`.", "",
+            markdown_table(["run", "stage / split", "input", "true", "predicted", "score"], body)]
+
+
+# ---------------------------------------------------------------------------------------------
 # The report
 # ---------------------------------------------------------------------------------------------
 
@@ -342,6 +378,7 @@ def build_report(folder: Path) -> tuple[str, list[Path]]:
         if image:
             images.append(image)
             sections += ["", f"![comparison]({image.name})"]
+    sections += mistakes_section(runs)
     runs_by_path = {run["path"]: run for run in runs}
     for sweep in sweeps:
         rows = ablation_rows(sweep, runs_by_path)

@@ -1,7 +1,7 @@
 """Peak memory of exercise 2's evaluation at N and 4N examples: does it grow with the eval set?
 
-Exercise 2 evaluates through the Trainer with `preprocess_logits_for_metrics` (only argmax ids are
-kept), so memory should stay flat as the evaluation set grows. Each size runs in a fresh
+Exercise 2 evaluates through the Trainer with `preprocess_logits_for_metrics` (only the argmax id and
+its probability are kept per example), so memory should stay flat as the evaluation set grows. Each size runs in a fresh
 subprocess: build exercise 2's Trainer, warm it up on a few examples, reset the kernel's peak-RSS
 mark (/proc/self/clear_refs), predict on the N examples, and read the peak (VmHWM). Growth = peak
 during the evaluation minus RSS just before it. The JSON line gives both sizes and the ratios.

@@ -359,6 +359,7 @@ def test_zero_shot_classifier_equals_manual_computation(tiny_imagenet_dir, tiny_
     top5 = expected.topk(5, dim=-1).indices.numpy()
     assert result.metrics["top5_accuracy"] == pytest.approx((top5 == labels[:, None]).any(1).mean())
     assert result.confusion.sum() == 21 and result.rows.tolist() == list(range(21))
+    assert result.scores == pytest.approx(expected.softmax(-1).max(-1).values.numpy(), abs=1e-4)  # best probability
     assert result.metrics["mean_per_class_recall"] == pytest.approx(np.nanmean(result.per_class_recall))
 
 

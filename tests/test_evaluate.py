@@ -30,8 +30,9 @@ def test_classification_metrics_by_hand():
 def test_compute_metrics_takes_logits_or_argmax_ids():
     logits = np.eye(3)[PREDICTIONS] * 5.0
     from_logits = evaluate.compute_metrics(SimpleNamespace(predictions=logits, label_ids=np.array(LABELS)))
-    ids = evaluate.preprocess_logits_for_metrics(torch.tensor(logits), None)
+    ids, scores = evaluate.preprocess_logits_for_metrics(torch.tensor(logits), None)
     assert ids.tolist() == PREDICTIONS
+    assert scores.numpy() == pytest.approx(np.exp(5.0) / (np.exp(5.0) + 2))     # the winning softmax probability
     from_ids = evaluate.compute_metrics(SimpleNamespace(predictions=ids.numpy(), label_ids=np.array(LABELS)))
     assert from_logits == from_ids and from_ids["accuracy"] == pytest.approx(4 / 6)
 

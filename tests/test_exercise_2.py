@@ -62,9 +62,10 @@ def test_tokenize_leaves_padding_to_the_collator(tiny_distilbert, rt_dir):
 def test_trainer_metrics_on_hand_computed_example():
     logits = torch.tensor([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
     labels = np.array([1, 0, 0, 0])  # predictions 1 0 1 0
-    ids = evaluate.preprocess_logits_for_metrics(logits, None)
+    ids, scores = evaluate.preprocess_logits_for_metrics(logits, None)
     assert ids.tolist() == [1, 0, 1, 0]
-    for predictions in (ids.numpy(), logits.numpy()):
+    assert scores.tolist() == pytest.approx(logits.softmax(-1).max(-1).values.tolist())
+    for predictions in ((ids.numpy(), scores.numpy()), ids.numpy(), logits.numpy()):
         metrics = evaluate.compute_metrics(EvalPrediction(predictions=predictions, label_ids=labels))
         assert metrics["accuracy"] == pytest.approx(0.75)
         assert metrics["precision_macro"] == pytest.approx((1.0 + 0.5) / 2)
@@ -247,6 +248,10 @@ def test_torchrun_two_cpu_processes_write_one_result(tiny_distilbert, tmp_path):
     assert results["label_names"] == ["music", "politics", "science", "sports"]  # sorted string labels
     matrix = np.asarray(evaluate.read_confusion_matrices(run_dir)["fine_tuned"]["test"])
     assert matrix.shape == (4, 4) and matrix.sum() == results["data_sizes"]["test"]  # each example once
+    rows = evaluate.read_predictions(run_dir / "predictions" / "fine_tuned_test.csv")   # gathered once, in order
+    assert [row["id"] for row in rows] == list(range(results["data_sizes"]["test"]))
+    accuracy = np.mean([row["label"] == row["predicted"] for row in rows])
+    assert accuracy == pytest.approx(results["metrics"]["fine_tuned"]["test"]["accuracy"])
     assert len(list(run_dir.glob("wandb/offline-run-*"))) == 1
 
     # the loss is the per-example mean, as in one process (transformers 5.x would scale it by the
@@ -254,6 +259,8 @@ def test_torchrun_two_cpu_processes_write_one_result(tiny_distilbert, tmp_path):
     utils.set_seed(0)
     model, tokenizer = exercise_2.load_classifier(tiny_distilbert, results["label_names"])
     test = data.load_text_dataset(str(dataset), "sentence", "topic", seed=0, max_train_samples=96)["test"]
+    assert [(row["input"], row["label"]) for row in rows] == \
+        [(text, results["label_names"][label]) for text, label in zip(test["text"], test["label"])]
     batch = tokenizer(list(test["text"]), truncation=True, max_length=128, padding=True, return_tensors="pt")
     with torch.no_grad():
         loss = model.eval()(**batch, labels=torch.tensor(list(test["label"]))).loss.item()
