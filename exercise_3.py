@@ -200,10 +200,10 @@ def main(argv: list[str] | None = None, callbacks=()):
         loggers.log_metrics(metrics[stage], prefix=f"{stage}.", step=None)
     for tag, figure in figures.items():
         loggers.log_figure(f"{tuned}/{tag}", figure, step=None)
-    images = list(splits["validation"]["image"])
+    paths = list(splits["validation"]["image"])
     for stage, result in results.items():      # per image: its path, true class, top-5 and best probability
         evaluate.write_predictions(run_dir, stage, "validation", result.rows,
-                                   [data.image_id(images[row]) for row in result.rows], result.labels,
+                                   [images.image_id(paths[row]) for row in result.rows], result.labels,
                                    result.predictions, result.scores, names, top_k=result.top_k)
     skipped = sorted(set().union(*(result.skipped_images for result in results.values()), trainer.skipped_images))
     if skipped:

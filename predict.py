@@ -22,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
+import images
 import utils
 from utils import LabError
 
 TEXT_FILES = (".txt", ".csv", ".tsv")
-IMAGE_FILES = (".jpeg", ".jpg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")  # as data.IMAGE_SUFFIXES
 STAGES = {"exercise_1": ("svc", "logreg"), "exercise_2": ("fine_tuned",),
           "exercise_3": ("lora", "fine_tuned", "zero_shot")}
 SCORES = {"svc": "SVC margin (distance from the boundary; larger = surer)", "logreg": "probability",
@@ -110,7 +110,7 @@ def choose_stage(results: dict, stage: str | None) -> str:
 
 
 def looks_like_file(item: str) -> bool:
-    return not any(c.isspace() for c in item) and Path(item).suffix.lower() in (*TEXT_FILES, *IMAGE_FILES)
+    return not any(c.isspace() for c in item) and Path(item).suffix.lower() in (*TEXT_FILES, *images.IMAGE_SUFFIXES)
 
 
 def read_texts(inputs: list[str], text_column: str) -> list[str]:
@@ -120,7 +120,7 @@ def read_texts(inputs: list[str], text_column: str) -> list[str]:
         path = Path(item).expanduser()
         if item == "-":
             texts += [line.strip() for line in sys.stdin if line.strip()]
-        elif path.is_dir() or path.suffix.lower() in IMAGE_FILES and path.exists():
+        elif path.is_dir() or path.suffix.lower() in images.IMAGE_SUFFIXES and path.exists():
             raise LabError(f"{item} is {'a folder' if path.is_dir() else 'an image'}; this run classifies text: "
                            f"give sentences or .txt/.csv files")
         elif path.is_file():
@@ -156,14 +156,14 @@ def read_image_paths(inputs: list[str]) -> list[str]:
     for item in inputs:
         path = Path(item).expanduser()
         if path.is_dir():
-            found = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_FILES and p.is_file())
+            found = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in images.IMAGE_SUFFIXES and p.is_file())
             if not found:
-                raise LabError(f"folder {item} holds no images ({', '.join(IMAGE_FILES)})")
+                raise LabError(f"folder {item} holds no images ({', '.join(images.IMAGE_SUFFIXES)})")
             paths += found
-        elif path.is_file() and path.suffix.lower() in IMAGE_FILES:
+        elif path.is_file() and path.suffix.lower() in images.IMAGE_SUFFIXES:
             paths.append(str(path))
         elif path.is_file():
-            raise LabError(f"{item} is not an image file ({', '.join(IMAGE_FILES)}); this run classifies images")
+            raise LabError(f"{item} is not an image file ({', '.join(images.IMAGE_SUFFIXES)}); this run classifies images")
         else:
             raise LabError(f"{item!r} is not an image file or folder; a run of exercise 3 classifies images")
     return paths
@@ -243,7 +243,6 @@ def predict_exercise_3(run_dir: Path, results: dict, paths: list[str], stage: st
     import torch
 
     import clip
-    import data
     import LoRA
 
     config, names = results["config"], results["label_names"]
@@ -265,13 +264,13 @@ def predict_exercise_3(run_dir: Path, results: dict, paths: list[str], stage: st
     predicted, scores, top = [], [], []
     with torch.inference_mode():
         for start in range(0, len(paths), batch_size):
-            images = []
+            decoded = []
             for path in paths[start:start + batch_size]:
                 try:
-                    images.append(data.open_rgb(path))
+                    decoded.append(images.open_rgb(path))
                 except Exception as error:  # PIL raises many kinds for a bad file
                     raise LabError(f"cannot read image {path}: {error}") from None
-            pixels = image_processor(images=images, return_tensors="pt")["pixel_values"]
+            pixels = image_processor(images=decoded, return_tensors="pt")["pixel_values"]
             logits = clip.zero_shot_logits(model, pixels, classifier)
             best = logits.topk(min(5, len(names)), dim=-1)
             top.append(best.indices.cpu().numpy())

@@ -20,6 +20,7 @@ import evaluate
 import exercise_1
 import exercise_2
 import exercise_3
+import images
 import predict
 import report
 import utils
@@ -47,8 +48,8 @@ def check_predictions_files(run_dir: Path, dataset) -> dict:
             rows = evaluate.read_predictions(run_dir / "predictions" / f"{stage}_{split}.csv")
             labels = [index[row["label"]] for row in rows]
             predicted = [index[row["predicted"]] for row in rows]
-            evaluated = np.asarray(results["confusion_matrices"][stage][split]).sum() if results["exercise"] != \
-                "exercise_3" else np.asarray(results["confusion_matrices"][stage]).sum()
+            matrices = evaluate.read_confusion_matrices(run_dir)
+            evaluated = np.asarray(matrices[stage][split] if results["exercise"] != "exercise_3" else matrices[stage]).sum()
             assert len(rows) == evaluated == results["data_sizes"][split], (stage, split)
             assert len({row["id"] for row in rows}) == len(rows)
             inputs, labels_by_row = list(dataset[split][column]), list(dataset[split]["label"])
@@ -129,9 +130,9 @@ def tiny_clip_dir(tmp_path_factory, clip_tokenizer_dir):
 def test_exercise_3_predict_agrees_with_the_run(tmp_path, tiny_clip_dir, tiny_imagenet_dir, lora):
     run_dir = exercise_3.main(tiny_args_3(tiny_clip_dir, tiny_imagenet_dir, tmp_path / "runs", prompts="ensemble",
                                           learning_rate=1e-3, **{"lora.enabled": lora}))
-    images = data.load_image_dataset(str(tiny_imagenet_dir), seed=0, max_train_samples=32, max_eval_samples=16,
-                                     max_classes=4)
-    files = check_predictions_files(run_dir, images)
+    dataset = images.load_image_dataset(str(tiny_imagenet_dir), seed=0, max_train_samples=32, max_eval_samples=16,
+                                        max_classes=4)
+    files = check_predictions_files(run_dir, dataset)
     trained = "lora" if lora else "fine_tuned"     # every weight trained: the whole model is in <run>/model
     assert set(files) == {("zero_shot", "validation"), (trained, "validation")}
     before = {row["id"]: row["score"] for row in files["zero_shot", "validation"]}
