@@ -1,4 +1,5 @@
 """A user's first runs meet typos, odd folders and missing keys: each ends in a clear message."""
+import json
 import os
 import re
 import stat
@@ -90,18 +91,16 @@ def test_no_unsafe_deserialisation_in_the_code():
         assert "trust_remote_code=True" not in source, path.name
 
 
-def reserve(output_dir: str, run_name) -> str:
-    return utils.prepare_run_dir(output_dir, run_name, "exercise_1").name
+RESERVE = "import sys, utils; print(utils.prepare_run_dir(sys.argv[1], sys.argv[2] or None, 'exercise_1').name)"
 
 
-@pytest.mark.parametrize("run_name", ["same", None])
+@pytest.mark.parametrize("run_name", ["same", ""])
 def test_runs_started_together_get_folders_of_their_own(tmp_path, run_name):
     """Eight processes reserve a run folder at once, with one run_name or the default <exercise>-<time>
     (all in the same second): every one gets its own folder."""
-    import multiprocessing
-
-    with multiprocessing.get_context("spawn").Pool(8) as pool:
-        names = pool.starmap(reserve, [(str(tmp_path), run_name)] * 8)
+    processes = [subprocess.Popen([sys.executable, "-c", RESERVE, str(tmp_path), run_name], cwd=ROOT,
+                                  stdout=subprocess.PIPE, text=True) for _ in range(8)]
+    names = [process.communicate(timeout=120)[0].strip().splitlines()[-1] for process in processes]
     assert len(set(names)) == 8 and sorted(path.name for path in tmp_path.iterdir()) == sorted(names)
 
 
@@ -139,3 +138,19 @@ def test_messages_suggest_only_keys_the_script_has(tmp_path, capsys):
     result = subprocess.run([sys.executable, "exercise_1.py", "resume=true", f"output_dir={tmp_path}"],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.startswith("error: unknown config key 'resume'")
+
+
+@pytest.mark.parametrize("run_name", ["same", None])
+def test_two_runs_started_together_both_keep_their_results(tmp_path, tiny_distilbert, rt_dir, run_name):
+    """Two real exercise 1 runs at once, with one run_name or default names (same second): two folders,
+    two intact results, and the feature cache they share written whole."""
+    args = [sys.executable, "exercise_1.py", f"model_name={tiny_distilbert}", f"dataset={rt_dir}",
+            "max_train_samples=100", "max_eval_samples=40", "wandb_mode=disabled", "tensorboard=false",
+            f"output_dir={tmp_path}", *([f"run_name={run_name}"] if run_name else [])]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    processes = [subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                 for _ in range(2)]
+    assert [process.wait(timeout=300) for process in processes] == [0, 0], [p.stderr.read()[-2000:] for p in processes]
+    results = [json.loads(path.read_text()) for path in sorted(tmp_path.glob("*/results.json"))]
+    assert len(results) == 2 and results[0]["metrics"] == results[1]["metrics"]
+    assert len({path.parent for path in tmp_path.glob("*/results.json")}) == 2
