@@ -6,12 +6,14 @@ Pure functions over label arrays, so each can be checked against hand-computed v
 from __future__ import annotations
 
 import csv
+import io
 import json
-import os
 import re
 from pathlib import Path
 
 import numpy as np
+
+from utils import environment_info, write_atomic
 
 RESULTS_FILE = "results.json"
 CONFUSION_FILE = "confusion_matrices.json"   # beside results.json: 200 classes make 40,000 cells a matrix
@@ -109,8 +111,6 @@ def write_results(run_dir: Path, exercise: str, config: dict, metrics: dict, tim
     timing (seconds per phase), model (name, parameter counts), environment, plus any extras.
     Confusion matrices go to CONFUSION_FILE beside it, one matrix row per line, so results.json stays
     small to read and diff whatever the number of classes."""
-    from utils import environment_info
-
     results = {"exercise": exercise, "config": config, "metrics": metrics, "timing": timing,
                "model": model, "environment": environment_info(), **extra}
     if confusion_matrices is not None:
@@ -129,9 +129,7 @@ def _write_json(path: Path, contents) -> Path:
     text = json.dumps(contents, indent=2, default=_json_default)
     text = re.sub(r"\[\s*(-?[\d.eE+-]+(?:,\s*-?[\d.eE+-]+)*)\s*\]",
                   lambda match: "[" + ", ".join(match.group(1).replace(",", " ").split()) + "]", text)
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
+    write_atomic(path, text.encode("utf-8"))
     return path
 
 
@@ -144,17 +142,16 @@ def write_predictions(run_dir: Path, stage: str, split: str, rows, inputs, label
     path = Path(run_dir) / PREDICTIONS_DIR / f"{stage}_{split}.csv"
     inputs = list(inputs)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["id", "input", "label", "predicted", "score", *(["top5"] if top_k is not None else [])])
-        for index, row in enumerate(rows):
-            line = [int(row), inputs[index], label_names[int(labels[index])], label_names[int(predicted[index])],
-                    f"{float(scores[index]):.6g}"]
-            if top_k is not None:
-                line.append("|".join(label_names[int(k)] for k in top_k[index]))
-            writer.writerow(line)
-    tmp.replace(path)
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["id", "input", "label", "predicted", "score", *(["top5"] if top_k is not None else [])])
+    for index, row in enumerate(rows):
+        line = [int(row), inputs[index], label_names[int(labels[index])], label_names[int(predicted[index])],
+                f"{float(scores[index]):.6g}"]
+        if top_k is not None:
+            line.append("|".join(label_names[int(k)] for k in top_k[index]))
+        writer.writerow(line)
+    write_atomic(path, text.getvalue().encode("utf-8"))
     return path
 
 
