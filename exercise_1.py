@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None):
     # 2. data: train / validation / test with text and integer labels
     with utils.timed(timing, "load_data"):
         splits = data.load_text_dataset(config["dataset"], config["text_column"], config["label_column"],
-                                       config["seed"], config["max_train_samples"], config["max_eval_samples"])
+                                        config["seed"], config["max_train_samples"], config["max_eval_samples"])
     label_names = splits["train"].features["label"].names
     print(f"data: {', '.join(f'{s} {len(d)}' for s, d in splits.items())}; classes {label_names}")
 
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None):
                    "pooling": config["pooling"], "max_length": max_length}
             began = time.perf_counter()
             compute = lambda: extract_features(model, tokenizer, texts, config["pooling"], max_length,
-                                                     config["eval_batch_size"], device, desc=f"features {split}")
+                                               config["eval_batch_size"], device, desc=f"features {split}")
             if config["cache_features"]:
                 features[split], hit = cache.cached_array(run_dir.parent / "cache", key, compute,
                                                           rows=len(texts), dtype=np.float32)
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None):
                                            labels[split], predicted, scores, label_names)
             reports[stage] = evaluate.classification_report_text(labels["test"], predicted, label_names)
         figure = plots.plot_confusion_matrix(np.asarray(matrices[stage]["test"]), label_names,
-                                                run_dir / f"confusion_{stage}_test.png", f"{stage} on test")
+                                             run_dir / f"confusion_{stage}_test.png", f"{stage} on test")
         logger.log_figure(f"{stage}/confusion_test", figure)
         logger.log_text(f"{stage}/classification_report_test", reports[stage])
         logger.log_metrics(metrics[stage], prefix=f"{stage}.")

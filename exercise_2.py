@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None, callbacks=()):
     # 2. data: train / validation / test with text and integer labels
     with utils.timed(timing, "load_data"):
         splits = data.load_text_dataset(config["dataset"], config["text_column"], config["label_column"],
-                                       config["seed"], config["max_train_samples"], config["max_eval_samples"])
+                                        config["seed"], config["max_train_samples"], config["max_eval_samples"])
     label_names = splits["train"].features["label"].names
     if main_process:
         print(f"data: {', '.join(f'{s} {len(d)}' for s, d in splits.items())}; classes {label_names}")
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None, callbacks=()):
                                        predicted, scores, label_names)
     curves = plots.plot_training_curves(trainer.state.log_history, run_dir / "training_curves.png")
     confusion = plots.plot_confusion_matrix(np.asarray(matrices["fine_tuned"]["test"]), label_names,
-                                               run_dir / "confusion_fine_tuned_test.png", "fine-tuned on test")
+                                            run_dir / "confusion_fine_tuned_test.png", "fine-tuned on test")
     # step=None: W&B appends these after the Trainer's own steps instead of dropping them as out of order
     for stage in metrics:
         loggers.log_metrics(metrics[stage], prefix=f"{stage}.", step=None)
@@ -216,7 +216,7 @@ def tokenize(splits, tokenizer, max_length: int, model_config=None):
     cut at `max_length` tokens, or at the model's own limit (its tokenizer's, `model_config`'s) when lower."""
     max_length = hub.usable_max_length(max_length, tokenizer, model_config)
     return splits.map(lambda batch: tokenizer(batch["text"], truncation=True, max_length=max_length),
-                    batched=True, remove_columns=["text"], desc="tokenize")
+                      batched=True, remove_columns=["text"], desc="tokenize")
 
 
 def make_collator(tokenizer, device: str):

@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None, callbacks=()):
     # 2. data: file paths and labels only; images are opened batch by batch when read
     with utils.timed(timing, "load_data"):
         splits = images.load_image_dataset(config["dataset"], config["seed"], config["max_train_samples"],
-                                         config["max_eval_samples"], config["max_classes"], config["class_names"])
+                                           config["max_eval_samples"], config["max_classes"], config["class_names"])
     names = splits["train"].features["label"].names
     print(f"data: {', '.join(f'{s} {len(d)}' for s, d in splits.items())} images; {len(names)} classes, "
           f"e.g. {names[:5]}")

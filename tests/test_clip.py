@@ -16,14 +16,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from tools import build_tiny_clip
-import data
-import images
 import LoRA
 import clip
+import images
 import training
-import utils
 from conftest import ROOT
+from tools import build_tiny_clip
 from utils import LabError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

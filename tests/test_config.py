@@ -4,7 +4,6 @@ import sys
 
 import pytest
 
-import exercise_1
 import training
 import utils
 from conftest import ROOT

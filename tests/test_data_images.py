@@ -11,10 +11,9 @@ import sys
 import pytest
 import torch
 
-from tools import build_tiny_clip
 import clip
-import data
 import images
+from tools import build_tiny_clip
 from conftest import ROOT
 from test_clip import image_folder, save_image, write_truncated_jpeg
 from utils import LabError

@@ -11,7 +11,6 @@ import cache
 import exercise_1
 import data
 import hub
-import utils
 
 
 def test_pool_shapes_and_mask_aware_mean():
