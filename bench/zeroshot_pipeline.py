@@ -93,8 +93,8 @@ def main() -> None:
     parser.add_argument("--pipeline-batch-size", type=int, default=1, help="the pipeline's batch_size (default: its own)")
     parser.add_argument("--repeats", type=int, default=3, help="rounds of the floor comparison (the median counts); "
                         "the pipeline comparison runs once, its slow side takes minutes")
-    args = common.parse_args(parser, "tiny run: 16 images, one round")
-    n = 16 if args.smoke else args.images
+    args = common.parse_args(parser, "tiny run: 8 images, one round")
+    n = 8 if args.smoke else args.images
     floor_n = n if args.smoke or not args.floor_images else args.floor_images
     args.repeats = 1 if args.smoke else args.repeats
 
