@@ -93,8 +93,8 @@ def main() -> None:
     parser.add_argument("--pipeline-batch-size", type=int, default=1, help="the pipeline's batch_size (default: its own)")
     parser.add_argument("--repeats", type=int, default=3, help="rounds of the floor comparison (the median counts); "
                         "the pipeline comparison runs once, its slow side takes minutes")
-    args = common.parse_args(parser, "tiny run: 8 images, one round")
-    n = 8 if args.smoke else args.images
+    args = common.parse_args(parser, "tiny run: 4 images, one round")
+    n = 4 if args.smoke else args.images
     floor_n = n if args.smoke or not args.floor_images else args.floor_images
     args.repeats = 1 if args.smoke else args.repeats
 
@@ -117,7 +117,7 @@ def main() -> None:
                                                     args.batch_size, workers)
     warm_up(lambda: forward_only(model, pixel_batches))
     warm_up(lambda: exercise(exercise_3.CONFIG["dataloader_num_workers"]))
-    warm_up(lambda: pipeline_outputs(classifier_pipeline, paths[:2], class_names, args.pipeline_batch_size), passes=1)
+    warm_up(lambda: pipeline_outputs(classifier_pipeline, paths[:1], class_names, args.pipeline_batch_size), passes=1)
 
     # 1. against the pipeline: one round, exercise 3 with its default workers
     versus_pipeline, ours, outputs = common.paired_rounds(
