@@ -14,14 +14,17 @@
    `end_to_end_over_forward` is the ratio at the worker count with the fastest end-to-end pass.
 
 The goals (>= 5x the pipeline, >= 0.9 of the forward pass) are set for ViT-B/16's architecture (random
-weights, 224 px: the same cost as exercise 3's default model); the tiny CLIP's ratios are printed
-without a goal (its preprocessing costs more than its encoder).
+weights, 224 px: the same cost as exercise 3's default model; with --model, add --architecture vit-b-16
+to apply them); the tiny CLIP's ratios are printed without a goal (its preprocessing costs more than its
+encoder). Every image must be readable: the pipeline has no policy for a broken file.
 
     python -m bench.zeroshot_pipeline                                       # tiny CLIP, 200 images
     python -m bench.zeroshot_pipeline --architecture vit-b-16 --images 32   # ~3 minutes on 2 cores
     python -m bench.zeroshot_pipeline --smoke                               # a few seconds
 """
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 
@@ -113,8 +116,7 @@ def main() -> None:
 
     classifier_pipeline = pipeline("zero-shot-image-classification", model=model, tokenizer=tokenizer,
                                    image_processor=image_processor, device="cpu")
-    exercise = lambda workers: exercise_3_zero_shot(model, tokenizer, class_names, evaluation, collator,  # noqa: E731
-                                                    args.batch_size, workers)
+    exercise = functools.partial(exercise_3_zero_shot, model, tokenizer, class_names, evaluation, collator, args.batch_size)
     warm_up(lambda: forward_only(model, pixel_batches))
     warm_up(lambda: exercise(exercise_3.CONFIG["dataloader_num_workers"]))
     warm_up(lambda: pipeline_outputs(classifier_pipeline, paths[:1], class_names, args.pipeline_batch_size), passes=1)
