@@ -101,6 +101,7 @@ def test_zeroshot_pipeline_smoke(tiny_imagenet_dir, clip_tokenizer_dir):
     assert result["agreement"] == 1.0 and result["disagreements"] == 0 and result["classes"] == 200
     assert result["images"] == result["floor_images"] == 4 and result["template"] == "a photo of a {}."
     assert result["exercise_images_per_s"] > 0 and result["pipeline_images_per_s"] > 0 and result["pipeline_speedup"] > 0
+    assert result["pipeline_speedup_whole_split"] > 0
     assert set(result["floor_by_workers"]) == {"0", "1", "2"} and result["best_num_workers"] in (0, 1, 2)
     assert result["end_to_end_over_forward"] == result["floor_by_workers"][str(result["best_num_workers"])]["end_to_end_over_forward"]
     assert result["ratios"] == ["pipeline_speedup", "end_to_end_over_forward"] and result["targets"] == {} and result["met"] is None
