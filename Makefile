@@ -38,16 +38,20 @@ test: setup
 test-all: setup
 	$(BIN)/python -m pytest $(ARGS)
 
-# make bench     the four benchmarks (offline, CPU), one JSON line each, appended to bench/results/<name>.jsonl,
-#                then zero-shot again with ViT-B/16's architecture on 128 images (~4 min on 2 cores)
+# make bench     the benchmarks (offline, CPU), one JSON line each, appended to bench/results/<name>.jsonl:
+#                features, finetune, zeroshot, eval_memory, zeroshot_pipeline on the tiny CLIP, then zeroshot
+#                (128 images, ~4 min on 2 cores) and zeroshot_pipeline (32 images, ~4 min) with ViT-B/16's
+#                architecture; ends with one table of every ratio against its goal (python -m bench.table)
 #                (ARGS=--smoke for a quick check); exits non-zero if a bench crashed
 bench: setup
 	@mkdir -p bench/results && rm -f bench/results/*.log
-	@status=0; for run in features finetune zeroshot eval_memory "zeroshot --architecture vit-b-16 --images 128 --repeats 1"; do \
+	@status=0; for run in features finetune zeroshot eval_memory "zeroshot_pipeline --floor-images 2000" \
+			"zeroshot --architecture vit-b-16 --images 128 --repeats 1" \
+			"zeroshot_pipeline --architecture vit-b-16 --images 32 --repeats 1"; do \
 		set -- $$run; name=$$1; shift; \
 		$(BIN)/python -m bench.$$name "$$@" --results-file bench/results/$$name.jsonl $(ARGS) 2>>bench/results/$$name.log \
 			|| { echo "bench.$$name $$* failed: see bench/results/$$name.log"; status=1; }; \
-	done; exit $$status
+	done; $(BIN)/python -m bench.table; exit $$status
 
 clean:
 	rm -rf runs .pytest_cache

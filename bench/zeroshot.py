@@ -54,6 +54,32 @@ def cached_predictions(model, tokenizer, class_names, templates, dataset, collat
                                    desc="bench zero-shot").predictions
 
 
+ARCHITECTURES = {"tiny": "build_tiny_clip.build_tiny_clip()", "vit-b-16": "ViT-B/16 shape, random"}
+
+
+def add_architecture_argument(parser) -> None:
+    parser.add_argument("--architecture", default="tiny", choices=tuple(ARCHITECTURES),
+                        help="the random CLIP when no --model: build_tiny_clip.build_tiny_clip's defaults or ViT-B/16's shape")
+
+
+def load_bench_clip(model_name: str | None, architecture: str):
+    """(model in eval mode, tokenizer, image processor, what the model is): `model_name`'s CLIP, or a
+    fresh seeded random one of `architecture` (the zero-shot benches' model)."""
+    if model_name:
+        model, tokenizer, image_processor = clip.load_clip(model_name)
+    elif architecture == "vit-b-16":
+        model, tokenizer, image_processor = random_vit_b_16()
+    else:
+        with tempfile.TemporaryDirectory() as scratch:
+            model, tokenizer, image_processor = clip.load_clip(str(build_tiny_clip.build_tiny_clip(f"{scratch}/tiny-clip")))
+    return model.eval(), tokenizer, image_processor, model_name or ARCHITECTURES[architecture]
+
+
+def validation_images(dataset: str, n: int):
+    """The first `n` validation images of the seeded selection, as exercise 3 loads them (file paths, labels)."""
+    return images.load_image_dataset(dataset, seed=0, max_train_samples=400, max_eval_samples=n)["validation"]
+
+
 def random_vit_b_16():
     """(model, tokenizer, image processor): ViT-B/16's architecture with seeded random weights, the real
     CLIP tokenizer and 224 px preprocessing (CLIPImageProcessor's defaults)."""
@@ -66,8 +92,7 @@ def random_vit_b_16():
 
 def main() -> None:
     parser = common.parser(__doc__, "tiny-imagenet-200", "CLIP folder (default: a fresh random one, see --architecture)")
-    parser.add_argument("--architecture", default="tiny", choices=("tiny", "vit-b-16"),
-                        help="the random CLIP when no --model: build_tiny_clip.build_tiny_clip's defaults or ViT-B/16's shape")
+    add_architecture_argument(parser)
     parser.add_argument("--images", type=int, default=10000, help="validation images (Tiny ImageNet has 10,000)")
     parser.add_argument("--batch-size", type=int, default=exercise_3.CONFIG["eval_batch_size"])
     parser.add_argument("--prompts", default=exercise_3.CONFIG["prompts"], choices=tuple(clip.TEMPLATES),
@@ -77,15 +102,8 @@ def main() -> None:
     n = 64 if args.smoke else args.images
     args.repeats = 1 if args.smoke else args.repeats
 
-    if args.model:
-        model, tokenizer, image_processor = clip.load_clip(args.model)
-    elif args.architecture == "vit-b-16":
-        model, tokenizer, image_processor = random_vit_b_16()
-    else:
-        with tempfile.TemporaryDirectory() as scratch:
-            model, tokenizer, image_processor = clip.load_clip(str(build_tiny_clip.build_tiny_clip(f"{scratch}/tiny-clip")))
-    model.eval()
-    validation = images.load_image_dataset(args.dataset, seed=0, max_train_samples=400, max_eval_samples=n)["validation"]
+    model, tokenizer, image_processor, model_description = load_bench_clip(args.model, args.architecture)
+    validation = validation_images(args.dataset, n)
     class_names = validation.features["label"].names
     collator = clip.ImageTextCollator(tokenizer, class_names)
     lazy = validation.with_transform(clip.ImageTransform(image_processor))
@@ -106,7 +124,7 @@ def main() -> None:
     _, encode_s = common.timed(lambda: clip.build_zero_shot_classifier(model, tokenizer, class_names, templates))
     common.emit({
         "bench": "zeroshot", "images": len(decoded),
-        "model": args.model or {"tiny": "build_tiny_clip.build_tiny_clip()", "vit-b-16": "ViT-B/16 shape, random"}[args.architecture],
+        "model": model_description,
         "classes": len(class_names), "prompts": args.prompts, "templates": len(templates), "batch_size": args.batch_size,
         "rounds": len(rounds), "parameters": LoRA.count_parameters(model)[1],
         "same_predictions": bool((ours == theirs).all()),

@@ -95,6 +95,40 @@ def test_zeroshot_smoke(tiny_imagenet_dir, clip_tokenizer_dir):
     assert result["ceiling_speedup"] > 1
 
 
+def test_zeroshot_pipeline_smoke(tiny_imagenet_dir, clip_tokenizer_dir):
+    """Both sides classify the same 4 images alike; two batches, so the floor runs with 0, 1 and 2 workers."""
+    result = run_bench("zeroshot_pipeline.py", "--dataset", str(tiny_imagenet_dir), "--batch-size", "2")
+    assert result["agreement"] == 1.0 and result["disagreements"] == 0 and result["classes"] == 200
+    assert result["images"] == result["floor_images"] == 4 and result["template"] == "a photo of a {}."
+    assert result["exercise_images_per_s"] > 0 and result["pipeline_images_per_s"] > 0 and result["pipeline_speedup"] > 0
+    assert result["pipeline_speedup_whole_split"] > 0
+    assert set(result["floor_by_workers"]) == {"0", "1", "2"} and result["best_num_workers"] in (0, 1, 2)
+    assert result["end_to_end_over_forward"] == result["floor_by_workers"][str(result["best_num_workers"])]["end_to_end_over_forward"]
+    assert result["ratios"] == ["pipeline_speedup", "pipeline_speedup_whole_split", "end_to_end_over_forward"] and result["targets"] == {} and result["met"] is None
+
+
+def test_table_keeps_the_newest_line_of_each_bench_and_model(tmp_path):
+    """bench.table: one row per ratio of the newest line of each (bench, model); ceilings and floors."""
+    from bench import table
+
+    lines = [{"bench": "features", "model": "m", "speedup": 2.0, "efficiency": 0.8,
+              "targets": {"speedup": 3.0, "efficiency": 0.75}, "time": "old"},
+             {"bench": "features", "model": "m", "speedup": 3.5, "efficiency": 0.7,
+              "targets": {"speedup": 3.0, "efficiency": 0.75}, "time": "new"},
+             {"bench": "zeroshot_pipeline", "model": "tiny", "pipeline_speedup": 30.0, "end_to_end_over_forward": 0.1,
+              "ratios": ["pipeline_speedup", "end_to_end_over_forward"], "targets": {}, "time": "t"}]
+    (tmp_path / "features.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines[:2]))
+    (tmp_path / "zeroshot_pipeline.jsonl").write_text(json.dumps(lines[2]) + "\n")
+    (tmp_path / "eval_memory.jsonl").write_text(json.dumps({"bench": "eval_memory", "model": "m", "growth_ratio": 0.84,
+                                                            "targets": {"growth_ratio": 1.2}, "time": "t"}) + "\n")
+    rows = [row for result in table.newest_results(tmp_path) for row in table.rows(result)]
+    assert rows == [("eval_memory (m): growth_ratio", 0.84, "<= 1.2", "yes"),
+                    ("features (m): speedup", 3.5, ">= 3", "yes"), ("features (m): efficiency", 0.7, ">= 0.75", "no"),
+                    ("zeroshot_pipeline (tiny): pipeline_speedup", 30.0, "-", "-"),
+                    ("zeroshot_pipeline (tiny): end_to_end_over_forward", 0.1, "-", "-")]
+    assert table.table(table.newest_results(tmp_path)).count("\n") == 1 + len(rows)
+
+
 def test_parallel_extraction_restores_threads_and_raises(tiny_distilbert):
     """exercise_1.extract_features runs CPU batches on single-threaded workers (what bench/features.py
     measures): torch's thread count comes back afterwards, also when a batch fails."""

@@ -1,0 +1,68 @@
+"""One table of every bench's ratios, their goals and whether they are met (what `make bench` prints last).
+
+Reads the JSON lines the benches append to bench/results/*.jsonl and keeps the newest line of each
+(bench, model) pair, so the tiny CLIP's and the ViT-B/16 shape's runs of a bench get rows of their own.
+A line's ratios are the keys its "ratios" field names, else the keys of its "targets"; a ratio without
+a goal is printed with "-". The table is Markdown, ready for the README.
+
+    python -m bench.table                        # bench/results/
+    python -m bench.table --results-dir <folder>
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from bench.common import ROOT
+
+AT_MOST = {"growth_ratio"}   # goals that are ceilings (memory growth); every other goal is a floor
+
+
+def newest_results(results_dir: Path) -> list[dict]:
+    """The last line of each (bench, model) pair, in file order: benches append, so the last is the newest."""
+    newest = {}
+    for path in sorted(results_dir.glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            if line.strip():
+                result = json.loads(line)
+                newest[(result["bench"], str(result.get("model")))] = result
+    return list(newest.values())
+
+
+def model_label(model) -> str:
+    """A model folder by its name (the full path is long); a description as it is."""
+    return Path(model).name if model and Path(model).exists() else str(model)
+
+
+def rows(result: dict) -> list[tuple[str, float, str, str]]:
+    """(measure, ratio, goal, met) for each ratio of one result; goal and met are "-" without a goal."""
+    targets = result.get("targets", {})
+    measured = []
+    for key in result.get("ratios") or targets:
+        measure, ratio, goal = f"{result['bench']} ({model_label(result.get('model'))}): {key}", result[key], targets.get(key)
+        if goal is None:
+            measured.append((measure, ratio, "-", "-"))
+        else:
+            met = ratio <= goal if key in AT_MOST else ratio >= goal
+            measured.append((measure, ratio, f"{'<=' if key in AT_MOST else '>='} {goal:g}", "yes" if met else "no"))
+    return measured
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| measure | ratio | goal | met | run at |", "| --- | --- | --- | --- | --- |"]
+    for result in results:
+        lines += [f"| {measure} | {ratio:g} | {goal} | {met} | {result.get('time', '?')} |"
+                  for measure, ratio, goal, met in rows(result)]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results-dir", default=str(ROOT / "bench" / "results"))
+    results = newest_results(Path(parser.parse_args().results_dir))
+    print(table(results) if results else "no bench results yet: run `make bench`")
+
+
+if __name__ == "__main__":
+    main()
