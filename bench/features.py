@@ -16,10 +16,8 @@ import numpy as np
 from bench import common
 
 common.offline_env()
-import exercise_1  # noqa: E402
 import data  # noqa: E402
 import exercise_1  # noqa: E402
-import utils  # noqa: E402
 
 
 def pipeline_features(model_name: str, texts: list[str], pooling: str, max_length: int) -> np.ndarray:

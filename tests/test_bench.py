@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -135,8 +134,6 @@ def test_parallel_extraction_restores_threads_and_raises(tiny_distilbert):
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    import utils
-
     model = AutoModel.from_pretrained(tiny_distilbert).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_distilbert)
     texts = [f"a film number {i} " * (1 + i % 7) for i in range(40)]
@@ -162,8 +159,6 @@ def test_parallel_extraction_restores_threads_and_raises(tiny_distilbert):
 
 
 def test_length_batches():
-    import utils
-
     lengths = [5, 40, 12, 40, 3, 7, 100, 9]
     batches = exercise_1.length_batches(lengths, batch_size=3)
     assert [list(batch) for batch in batches] == [[6, 3, 1], [2, 7, 5], [0, 4]]  # longest first
