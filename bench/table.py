@@ -31,8 +31,9 @@ def newest_results(results_dir: Path) -> list[dict]:
 
 
 def model_label(model) -> str:
-    """A model folder by its name (the full path is long); a description as it is."""
-    return Path(model).name if model and Path(model).exists() else str(model)
+    """A model folder by its last two names (the full path is long; packaged models end in .../model); a
+    description as it is."""
+    return "/".join(Path(model).parts[-2:]) if model and Path(model).exists() else str(model)
 
 
 def rows(result: dict) -> list[tuple[str, float, str, str]]:
