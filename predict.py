@@ -223,7 +223,7 @@ def predict_exercise_2(run_dir: Path, results: dict, texts: list[str], stage: st
                                        config["trust_remote_code"])
     device = utils.best_device()
     model.eval().to(device)
-    max_length = min(config["max_length"], tokenizer.model_max_length)
+    max_length = hub.usable_max_length(config["max_length"], tokenizer, model.config)   # as the run capped it
     # the precision the run evaluated in: the Trainer autocasts to bf16/fp16 on CUDA with mixed precision
     precision = training.trainer_precision(config.get("mixed_precision", "no"), device) if device == "cuda" else "no"
     autocast = (torch.autocast(device, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
