@@ -98,8 +98,8 @@ def main() -> None:
     parser.add_argument("--prompts", default=exercise_3.CONFIG["prompts"], choices=tuple(clip.TEMPLATES),
                         help="prompt set; 'ensemble' has 8 templates, so re-encoding costs 8x more")
     parser.add_argument("--repeats", type=int, default=3, help="rounds of both sides; the median round counts")
-    args = common.parse_args(parser, "tiny run: 64 images, one round")
-    n = 64 if args.smoke else args.images
+    args = common.parse_args(parser, "tiny run: 16 images, one round")
+    n = 16 if args.smoke else args.images
     args.repeats = 1 if args.smoke else args.repeats
 
     model, tokenizer, image_processor, model_description = load_bench_clip(args.model, args.architecture)
