@@ -39,13 +39,14 @@ test-all: setup
 	$(BIN)/python -m pytest $(ARGS)
 
 # make bench     the benchmarks (offline, CPU), one JSON line each, appended to bench/results/<name>.jsonl:
-#                features, finetune, zeroshot, eval_memory, zeroshot_pipeline on the tiny CLIP, then zeroshot
+#                features (with --profile), finetune, int8 (fp32 vs int8 extraction on all of Rotten Tomatoes,
+#                ~3 min), zeroshot, eval_memory, zeroshot_pipeline on the tiny CLIP, then zeroshot
 #                (128 images, ~4 min on 2 cores) and zeroshot_pipeline (32 images, ~4 min) with ViT-B/16's
 #                architecture; ends with one table of every ratio against its goal (python -m bench.table)
 #                (ARGS=--smoke for a quick check); exits non-zero if a bench crashed
 bench: setup
 	@mkdir -p bench/results && rm -f bench/results/*.log
-	@status=0; for run in features finetune zeroshot eval_memory "zeroshot_pipeline --floor-images 2000" \
+	@status=0; for run in "features --profile" finetune int8 zeroshot eval_memory "zeroshot_pipeline --floor-images 2000" \
 			"zeroshot --architecture vit-b-16 --images 128 --repeats 1" \
 			"zeroshot_pipeline --architecture vit-b-16 --images 32 --repeats 1"; do \
 		set -- $$run; name=$$1; shift; \
