@@ -39,7 +39,8 @@ test-all: setup
 	$(BIN)/python -m pytest $(ARGS)
 
 # make bench     the benchmarks (offline, CPU), one JSON line each, appended to bench/results/<name>.jsonl:
-#                features, finetune, zeroshot, eval_memory, zeroshot_pipeline on the tiny CLIP, then zeroshot
+#                features (with --profile), finetune, int8 (fp32 vs int8 extraction on all of Rotten Tomatoes,
+#                one round, ~2 min), zeroshot, eval_memory, zeroshot_pipeline on the tiny CLIP, then zeroshot
 #                (128 images, ~4 min on 2 cores) and zeroshot_pipeline (128 images against the pipeline, 32 against
 #                the forward pass, ~6 min) with ViT-B/16's architecture; ends with one table of every ratio against
 #                its goal (python -m bench.table); exits non-zero if a bench crashed.
@@ -47,7 +48,7 @@ test-all: setup
 RESULTS := bench/results$(if $(findstring --smoke,$(ARGS)),/smoke)
 bench: setup
 	@mkdir -p $(RESULTS) && rm -f $(RESULTS)/*.log
-	@status=0; for run in features finetune zeroshot eval_memory "zeroshot_pipeline --floor-images 2000" \
+	@status=0; for run in "features --profile" finetune int8 zeroshot eval_memory "zeroshot_pipeline --floor-images 2000" \
 			"zeroshot --architecture vit-b-16 --images 128 --repeats 1" \
 			"zeroshot_pipeline --architecture vit-b-16 --images 128 --floor-images 32 --repeats 1"; do \
 		set -- $$run; name=$$1; shift; \

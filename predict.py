@@ -179,8 +179,10 @@ def predict_exercise_1(run_dir: Path, results: dict, texts: list[str], stage: st
     classifier, encoder = exercise_1.load_classifier(run_dir, stage)
     model, tokenizer = exercise_1.load_encoder(model_source(run_dir, results["config"], encoder["model_name"]),
                                                encoder.get("trust_remote_code", False))
+    model = exercise_1.quantize_encoder(model, encoder.get("quantize"))  # the features the classifier was fitted on
+    device = "cpu" if encoder.get("quantize") else utils.best_device()  # int8 Linear layers run on CPU only
     features = exercise_1.extract_features(model, tokenizer, texts, encoder["pooling"], encoder["max_length"],
-                                           batch_size, utils.best_device(), desc="features")
+                                           batch_size, device, desc="features")
     predicted, scores = exercise_1.predict_scored(classifier, features)
     return predicted, scores, None, encoder["label_names"]
 

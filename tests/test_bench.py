@@ -46,10 +46,15 @@ def test_forward_flops_match_torch_flop_counter(with_head):
 
 
 def test_features_smoke(tiny_distilbert):
-    result = run_bench("features.py", "--model", tiny_distilbert)
+    result = run_bench("features.py", "--model", tiny_distilbert, "--profile")
     assert result["same_features"] is True and result["sentences"] == 32 and len(result["per_round"]) == 1
     assert result["extractor_sentences_per_s"] > 0 and result["pipeline_sentences_per_s"] > 0
     assert 0 < result["efficiency"] and result["tokens"] > result["sentences"]
+    assert result["efficiency_spread"] == [result["efficiency"]] * 2
+    shares = {key: value for key, value in result["profile"].items() if key != "wall_s"}
+    assert set(shares) == {"matmul", "attention", "layer_norm", "gelu", "softmax", "other_ops", "tokenize",
+                           "python_and_dispatch"}
+    assert result["profile"]["wall_s"] > 0 and shares["matmul"] > 0 and 0.95 <= sum(shares.values()) <= 1.05
 
 
 def test_finetune_smoke(tiny_distilbert):
@@ -57,6 +62,7 @@ def test_finetune_smoke(tiny_distilbert):
     assert result["timed_steps"] == 2 and result["dynamic_samples_per_s"] > 0 and result["max_length_samples_per_s"] > 0
     assert result["rounds"] == len(result["per_round"]) == 1
     assert 0 < result["real_tokens_per_sample"] < 256 and result["efficiency"] > 0
+    assert result["efficiency_spread"] == [result["efficiency"]] * 2 and result["targets"]["efficiency"] == 0.55
 
 
 def test_finetune_batches_are_the_exercise_samplers_and_span_its_lengths():
@@ -78,6 +84,20 @@ def test_finetune_batches_are_the_exercise_samplers_and_span_its_lengths():
     picked_widths = [max(lengths[i] for i in batch) for batch in picked]
     assert min(picked_widths) <= widths[len(widths) // 10] and max(picked_widths) >= widths[-len(widths) // 10]
     assert abs(np.mean([lengths[i] for b in picked for i in b]) - np.mean(lengths)) < 0.1 * np.mean(lengths)
+
+
+def test_int8_smoke(tiny_distilbert):
+    """Both sides run over every split of the (subsampled) data and fit both classifiers; no timing is asserted."""
+    result = run_bench("int8.py", "--model", tiny_distilbert)
+    assert result["splits"] == {"train": 64, "validation": 32, "test": 32} and result["sentences"] == 128
+    assert result["int8_speedup"] > 0 and result["rounds"] == len(result["per_round"]) == 1
+    assert 0 < result["feature_cosine"] <= 1.0001 and result["pooling"] == exercise_1.CONFIG["pooling"]
+    for side in ("fp32", "int8"):
+        assert set(result["accuracy"][side]) == {"svc", "logreg"}
+    drop = max(100 * (result["accuracy"]["fp32"][kind]["test"] - result["accuracy"]["int8"][kind]["test"])
+               for kind in ("svc", "logreg"))
+    assert result["accuracy_drop_points"] == pytest.approx(drop, abs=0.01)
+    assert result["targets"] == {"int8_speedup": 1.5, "accuracy_drop_points": 1.0}
 
 
 def test_eval_memory_smoke(tiny_distilbert):
@@ -120,9 +140,13 @@ def test_table_keeps_the_newest_line_of_each_bench_and_model(tmp_path):
     (tmp_path / "zeroshot_pipeline.jsonl").write_text(json.dumps(lines[2]) + "\n")
     (tmp_path / "eval_memory.jsonl").write_text(json.dumps({"bench": "eval_memory", "model": "m", "growth_ratio": 0.84,
                                                             "targets": {"growth_ratio": 1.2}, "time": "t"}) + "\n")
+    (tmp_path / "int8.jsonl").write_text(json.dumps({"bench": "int8", "model": "m", "int8_speedup": 2.5,
+                                                     "accuracy_drop_points": 3.4, "time": "t",
+                                                     "targets": {"int8_speedup": 1.5, "accuracy_drop_points": 1.0}}) + "\n")
     rows = [row for result in table.newest_results(tmp_path) for row in table.rows(result)]
     assert rows == [("eval_memory (m): growth_ratio", 0.84, "<= 1.2", "yes"),
                     ("features (m): speedup", 3.5, ">= 3", "yes"), ("features (m): efficiency", 0.7, ">= 0.75", "no"),
+                    ("int8 (m): int8_speedup", 2.5, ">= 1.5", "yes"), ("int8 (m): accuracy_drop_points", 3.4, "<= 1", "no"),
                     ("zeroshot_pipeline (tiny): pipeline_speedup", 30.0, "-", "-"),
                     ("zeroshot_pipeline (tiny): end_to_end_over_forward", 0.1, "-", "-")]
     assert table.table(table.newest_results(tmp_path)).count("\n") == 1 + len(rows)

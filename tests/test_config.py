@@ -188,6 +188,7 @@ def test_each_exercise_refuses_bad_numbers_before_loading_anything(tmp_path, scr
 @pytest.mark.parametrize("script, argument, fragment", [
     ("exercise_1.py", "max_train_samples=nan", "bad value 'nan' for 'max_train_samples'"),
     ("exercise_1.py", "seed=-1", "'seed' must be in [0, 4294967295]"),
+    ("exercise_1.py", "quantize=int4", "bad value 'int4' for 'quantize'; choose from [None, 'int8']"),
     ("exercise_2.py", "lora.dropout=nan", "bad value 'nan' for 'lora.dropout'"),
     ("exercise_3.py", "warmup=-1", "'warmup' must be >= 0"),
 ])

@@ -70,6 +70,43 @@ def test_a_damaged_feature_cache_is_recomputed_to_the_same_result(tmp_path, tiny
     assert capsys.readouterr().out.count("reused cached features") == 3 and third["metrics"] == first["metrics"]
 
 
+def test_int8_runs_on_features_of_its_own(tmp_path, tiny_distilbert, rt_dir, capsys):
+    """quantize=int8: the run completes on int8 Linear layers, its features are close to fp32's but not the
+    same, and they go to cache entries of their own (never mixed with fp32 ones, reused by a second int8 run)."""
+    import numpy as np
+    import torch
+
+    args = (f"model_name={tiny_distilbert}", f"dataset={rt_dir}", "max_train_samples=60", "max_eval_samples=20",
+            "tensorboard=false")
+    _, fp32 = run(tmp_path, *args)
+    int8_dir, int8 = run(tmp_path, *args, "quantize=int8")
+    assert "reused cached" not in capsys.readouterr().out
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 6
+    assert int8["model"]["quantize"] == "int8" and fp32["model"]["quantize"] is None
+    assert int8["model"]["parameters"] == fp32["model"]["parameters"]
+    assert json.loads((int8_dir / "classifiers" / "encoder.json").read_text())["quantize"] == "int8"
+    run(tmp_path, *args, "quantize=int8")
+    assert capsys.readouterr().out.count("reused cached features") == 3
+
+    model, tokenizer = exercise_1.load_encoder(tiny_distilbert)
+    quantized = exercise_1.quantize_encoder(model, "int8")
+    kept = [m for m in quantized.modules() if type(m) is torch.nn.Linear]
+    assert kept and all(m.in_features > m.out_features for m in kept), "only down-projections stay fp32"
+    assert sum(type(m) is not torch.nn.Linear and "Linear" in type(m).__name__ for m in quantized.modules()) > len(kept)
+    assert any(type(m) is torch.nn.Linear for m in model.modules()), "the fp32 model is left as it was"
+    texts = [f"a film number {i} " * (1 + i % 5) for i in range(12)]
+    ours, theirs = (exercise_1.extract_features(m, tokenizer, texts, "mean", batch_size=4) for m in (model, quantized))
+    cosine = (ours * theirs).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(theirs, axis=1)
+    assert not np.array_equal(ours, theirs) and cosine.min() > 0.9
+
+
+def test_int8_is_refused_off_cpu(tmp_path, monkeypatch):
+    monkeypatch.setattr(utils, "best_device", lambda: "cuda")
+    with pytest.raises(utils.LabError, match="quantize=int8 runs on CPU only"):
+        exercise_1.main(["quantize=int8", f"output_dir={tmp_path / 'runs'}", "dataset=/no/such/data"])
+    assert not (tmp_path / "runs").exists()
+
+
 def test_max_length_beyond_the_model_is_capped(tmp_path, tiny_distilbert, capsys):
     """The fixture has 256 positions and a tokenizer without a limit: 100000 used to index past them."""
     folder = write_csv_dataset(tmp_path / "topics", num_classes=2, per_class=20)
