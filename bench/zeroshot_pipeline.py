@@ -21,7 +21,7 @@ to apply them); the tiny CLIP's ratios are printed without a goal (its preproces
 encoder). Every image must be readable: the pipeline has no policy for a broken file.
 
     python -m bench.zeroshot_pipeline                                       # tiny CLIP, 200 images
-    python -m bench.zeroshot_pipeline --architecture vit-b-16 --images 32   # ~3 minutes on 2 cores
+    python -m bench.zeroshot_pipeline --architecture vit-b-16 --images 128 --floor-images 32   # ~6 minutes, 2 cores
     python -m bench.zeroshot_pipeline --smoke                               # a few seconds
 """
 from __future__ import annotations
