@@ -156,6 +156,11 @@ def median(values) -> float:
     return float(np.median(list(values)))
 
 
+def significant(value: float, digits: int = 3) -> float:
+    """A ratio to `digits` significant digits: a tiny model's efficiency (0.0004) must not print as 0.0."""
+    return float(f"{value:.{digits}g}")
+
+
 def machine() -> dict:
     import torch
 

@@ -157,11 +157,11 @@ def main() -> None:
         "model_gflop_per_s": round(common.median(r["flops_per_s"] for r in rounds) / 1e9, 2),
         "max_length_useful_gflop_per_s": round(naive["flops_per_s"] / 1e9, 2),
         "matmul_gflop_per_s": round(common.median(r["matmul_flops_per_s"] for r in rounds) / 1e9, 2),
-        "efficiency": round(efficiency, 3),
-        "per_round": [{"samples_per_s": round(r["samples_per_s"], 2), "efficiency": round(r["efficiency"], 3)}
+        "efficiency": common.significant(efficiency),
+        "per_round": [{"samples_per_s": round(r["samples_per_s"], 2), "efficiency": common.significant(r["efficiency"])}
                       for r in rounds],
-        "efficiency_spread": [round(min(r["efficiency"] for r in rounds), 3),
-                              round(max(r["efficiency"] for r in rounds), 3)],
+        "efficiency_spread": [common.significant(min(r["efficiency"] for r in rounds)),
+                              common.significant(max(r["efficiency"] for r in rounds))],
         "targets": {"speedup": 5.0, "efficiency": 0.55},
         "met": speedup >= 5.0 and efficiency >= 0.55,
     }, args.results_file)
