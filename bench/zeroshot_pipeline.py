@@ -104,8 +104,8 @@ def main() -> None:
     args.repeats = 1 if args.smoke else args.repeats
 
     model, tokenizer, image_processor, model_description = load_bench_clip(args.model, args.architecture)
-    floor_validation = validation_images(args.dataset, max(n, floor_n))
-    validation = floor_validation.select(range(n))
+    both = validation_images(args.dataset, max(n, floor_n))
+    validation, floor_validation = both.select(range(n)), both.select(range(floor_n))
     class_names = validation.features["label"].names
     paths = list(validation["image"])     # file paths: both sides open and decode every JPEG
     transform = clip.ImageTransform(image_processor)
