@@ -41,8 +41,8 @@ CONFIG = {
     "max_length": 128,               # tokens; longer texts are truncated, each batch padded to its longest
     # optimisation; batch sizes are per process: the global batch is
     # batch_size x processes x gradient_accumulation_steps
-    "learning_rate": 3e-5,           # AdamW peak learning rate for full fine-tuning
-    "num_train_epochs": 2.0,         # passes over the training split
+    "learning_rate": 5e-5,           # AdamW peak learning rate for full fine-tuning
+    "num_train_epochs": 3.0,         # passes over the training split
     "max_steps": None,               # None = num_train_epochs decides; else this many optimizer steps
     "batch_size": 16,                # training examples per step and process (global: x processes x accumulation)
     "eval_batch_size": 64,           # examples per forward pass when evaluating
@@ -57,7 +57,7 @@ CONFIG = {
     "eval_strategy": "epoch",        # "epoch" | "steps" (every eval_steps); a checkpoint at every evaluation
     "eval_steps": 200,               # with eval_strategy=steps: evaluate every this many steps
     "logging_steps": 50,             # log the training loss every this many steps
-    "metric_for_best_model": "loss", # validation metric that picks the checkpoint to test
+    "metric_for_best_model": "accuracy",  # validation metric that picks the checkpoint to test
     "save_total_limit": 2,           # checkpoints kept; the best one always is
     "evaluate_pretrained": True,     # score the untrained model as the `pretrained` stage
     "resume": False,                 # continue run_name from its newest checkpoint
