@@ -118,10 +118,12 @@ def test_smoke_run_with_tensorboard_and_wandb(tiny_distilbert, rt_dir, tmp_path)
             assert np.sum(evaluate.read_confusion_matrices(run_dir)[stage][split]) == 32
     assert results["training"]["global_step"] == 8
     assert results["model"]["trainable_parameters"] == results["model"]["parameters"] > 0
-    # the best checkpoint is the one with the lowest validation loss, and it is what was tested
-    evaluations = [entry for entry in results["log_history"] if "eval_loss" in entry]
-    best = min(evaluations, key=lambda entry: entry["eval_loss"])
+    # the best checkpoint is the first with the highest validation accuracy (the default metric_for_best_model;
+    # a tie is no improvement, and max() also keeps the first), and it is what was tested
+    evaluations = [entry for entry in results["log_history"] if "eval_accuracy" in entry]
+    best = max(evaluations, key=lambda entry: entry["eval_accuracy"])
     assert results["best_checkpoint"].endswith(f"checkpoint-{best['step']}")
+    assert results["metrics"]["fine_tuned"]["validation"]["accuracy"] == pytest.approx(best["eval_accuracy"])
     assert results["metrics"]["fine_tuned"]["validation"]["loss"] == pytest.approx(best["eval_loss"], rel=1e-5)
     assert len(checkpoints(run_dir)) <= 2  # save_total_limit=1 keeps the best (plus the newest while training)
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
@@ -206,7 +208,8 @@ def test_changed_resume_exits_2_with_one_line(tmp_path):
     result = subprocess.run([sys.executable, "exercise_2.py", *args, "resume=true", "learning_rate=1e-4"],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.startswith("error: resume=True with settings that change training: learning_rate 3e-05 -> 0.0001")
+    assert result.stderr.startswith("error: resume=True with settings that change training: "
+                                    f"learning_rate {exercise_2.CONFIG['learning_rate']} -> 0.0001")
     assert result.stderr.strip().count("\n") == 0
 
 
