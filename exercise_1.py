@@ -68,9 +68,10 @@ def main(argv: list[str] | None = None):
     config = utils.parse_config(CONFIG, argv or [], CHOICES, POSITIVE, __file__, integers=INTEGERS)
     utils.check_run_name(config["run_name"])
     utils.check_output_dir(config["output_dir"])  # before any data or model is loaded
-    if config["quantize"] and utils.best_device() != "cpu":
+    device = utils.best_device()
+    if config["quantize"] and device != "cpu":
         raise utils.LabError(f"quantize={config['quantize']} runs on CPU only (dynamic int8 Linear layers have no "
-                             f"CUDA kernels) and this machine has {utils.best_device()}; leave quantize=None there")
+                             f"CUDA kernels) and this machine has {device}; leave quantize=None there")
     utils.set_seed(config["seed"])
     timing = {}
     start = time.perf_counter()
@@ -87,7 +88,6 @@ def main(argv: list[str] | None = None):
         model, tokenizer = load_encoder(config["model_name"], config["trust_remote_code"])
         parameters = LoRA.count_parameters(model)[1]  # int8 Linear weights are packed buffers, not parameters
         model = quantize_encoder(model, config["quantize"])
-    device = utils.best_device()
     run_dir = utils.prepare_run_dir(config["output_dir"], config["run_name"], "exercise_1", config["overwrite"])
     logger = loggers.RunLoggers(run_dir, config, "exercise_1")
 
