@@ -62,14 +62,6 @@ def compute_metrics(eval_pred) -> dict:
     return classification_metrics(labels, predictions)
 
 
-def top_k_accuracy(labels, scores, k: int) -> float:
-    """Share of rows whose true label is among the k highest scores."""
-    scores = np.asarray(scores)
-    k = min(k, scores.shape[1])
-    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    return float((top == np.asarray(labels)[:, None]).any(axis=1).mean())
-
-
 def confusion(labels, predictions, num_labels: int) -> np.ndarray:
     """(num_labels, num_labels) counts, rows = true class, columns = predicted class."""
     matrix = np.zeros((num_labels, num_labels), dtype=np.int64)

@@ -37,12 +37,7 @@ def test_compute_metrics_takes_logits_or_argmax_ids():
     assert from_logits == from_ids and from_ids["accuracy"] == pytest.approx(4 / 6)
 
 
-def test_top_k_confusion_recall_and_pairs():
-    scores = np.array([[0.1, 0.7, 0.2], [0.5, 0.2, 0.3], [0.35, 0.25, 0.4]])
-    labels = [2, 1, 0]
-    assert evaluate.top_k_accuracy(labels, scores, 1) == 0.0
-    assert evaluate.top_k_accuracy(labels, scores, 2) == pytest.approx(2 / 3)
-    assert evaluate.top_k_accuracy(labels, scores, 5) == 1.0
+def test_confusion_recall_and_pairs():
     matrix = evaluate.confusion(LABELS, PREDICTIONS, 4)
     assert matrix.tolist() == [[2, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 0], [0, 0, 0, 0]]
     recall = evaluate.per_class_recall(matrix)
