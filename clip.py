@@ -224,15 +224,20 @@ def evaluate_zero_shot(model, classifier: torch.Tensor, class_names: list[str], 
                        split: str = "validation") -> ZeroShotResult:
     """Classify every image of a transformed dataset against a zero-shot head (one row per class name).
     Memory is bounded by one batch: per image only its label, top-k class ids and best probability are kept.
+    Under torchrun each process scores its share of the images and every process gets the whole result.
     A batch with no readable image is skipped (its images counted); a `split` with none at all is a LabError."""
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, Subset
     from tqdm.auto import tqdm
 
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator, num_workers=num_workers)
+    share = training.process_share(len(dataset))
+    loader = DataLoader(Subset(dataset, share) if len(share) < len(dataset) else dataset, batch_size=batch_size,
+                        shuffle=False, collate_fn=collator, num_workers=num_workers)
     k = min(top_k, len(classifier))
-    labels, best, scores, rows, skipped = [], [], [], [], []
+    # each list starts with an empty array so that a share with no readable image still concatenates
+    labels, rows, skipped = [np.empty(0, np.int64)], [np.empty(0, np.int64)], []
+    best, scores = [np.empty((0, k), np.int64)], [np.empty(0, np.float32)]
     start = time.perf_counter()
-    offset = 0
+    offset = share.start
     with torch.inference_mode():
         for batch in tqdm(loader, desc=desc, unit="batch"):
             skipped += batch.get("skipped_images", [])
@@ -245,23 +250,22 @@ def evaluate_zero_shot(model, classifier: torch.Tensor, class_names: list[str], 
                 rows.append(offset + np.flatnonzero(batch["kept"].numpy()))
             offset += len(batch["kept"])
     seconds = time.perf_counter() - start
-    if not labels:
-        raise LabError(f"every image of the {split} split is unreadable ({offset} images, e.g. "
+    # the shares in rank order are the rows in order; the slowest process's time is the evaluation's
+    shares = training.gather_from_processes(
+        (*(np.concatenate(part) for part in (labels, best, scores, rows)), skipped, seconds))
+    labels, best, scores, rows = (np.concatenate([share[i] for share in shares]) for i in range(4))
+    skipped = [path for share in shares for path in share[4]]
+    if not len(labels):
+        raise LabError(f"every image of the {split} split is unreadable ({len(dataset)} images, e.g. "
                        f"{skipped[0] if skipped else '-'}); nothing can be scored: check the image files")
-    labels, best = np.concatenate(labels), np.concatenate(best)
     metrics, matrix, recall, pairs = zero_shot_metrics(labels, best, class_names)
-    return ZeroShotResult(metrics, labels, best, np.concatenate(rows), matrix, recall, pairs, skipped, seconds,
-                          np.concatenate(scores))
+    return ZeroShotResult(metrics, labels, best, rows, matrix, recall, pairs, skipped,
+                          max(share[5] for share in shares), scores)
 
 
 # ---------------------------------------------------------------------------------------------
 # Losses and the trainer
 # ---------------------------------------------------------------------------------------------
-
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized() \
-        and torch.distributed.get_world_size() > 1
 
 
 def gather_with_grad(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -285,7 +289,7 @@ def clip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale
     scored against the features of all processes."""
     scale = logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
     all_images, all_texts, offset = image_embeds, text_embeds, 0
-    if _distributed():
+    if training.distributed():
         all_images, offset = gather_with_grad(image_embeds)
         all_texts, _ = gather_with_grad(text_embeds)
     targets = torch.arange(len(image_embeds), device=image_embeds.device) + offset

@@ -69,12 +69,41 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return max(complete, key=lambda path: int(path.name.split("-")[-1]), default=None)
 
 
+def distributed() -> bool:
+    """True under torchrun (or any initialised process group) with more than one process."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def process_share(count: int) -> range:
+    """This process's contiguous share of `count` rows, in rank order (all of them in a single process):
+    evaluation outside the Trainer splits its data this way, then joins it with gather_from_processes."""
+    if not distributed():
+        return range(count)
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    return range(count * rank // world, count * (rank + 1) // world)
+
+
+def gather_from_processes(value) -> list:
+    """Every process's `value` (anything picklable), in rank order; [value] in a single process."""
+    if not distributed():
+        return [value]
+    import torch.distributed as dist
+
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
 def largest_across_processes(value: int, device) -> int:
     """The largest of `value` over all DDP processes (the value itself in a single process): how the
     processes agree on a decision, so they all take it at the same step."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not distributed():
         return value
     tensor = torch.tensor(value, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)

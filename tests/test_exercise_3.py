@@ -155,13 +155,23 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_clip_di
 
 @pytest.mark.slow
 def test_torchrun_two_cpu_processes_gather_features_and_write_one_result(tiny_clip_dir, tiny_imagenet_dir, tmp_path):
-    """DDP over gloo: the clip loss gathers both processes' features; only the main process writes."""
+    """DDP over gloo: the clip loss gathers both processes' features; each process scores half of the
+    validation images, and the joined result is the single-process one; only the main process writes."""
     output_dir = tmp_path / "runs"
-    results, run_dir = torchrun_two_processes("exercise_3.py", tiny_args(
-        tiny_clip_dir, tiny_imagenet_dir, output_dir, wandb_mode="offline", tensorboard=True), output_dir)
+    args = tiny_args(tiny_clip_dir, tiny_imagenet_dir, output_dir, eval_batch_size=4)
+    results, run_dir = torchrun_two_processes("exercise_3.py", args + ["wandb_mode=offline", "tensorboard=True"],
+                                              output_dir)
     assert results["training"]["processes"] == 2 and results["training"]["global_step"] == 4
-    assert sum(map(sum, evaluate.read_confusion_matrices(run_dir)["lora"])) == 16    # each image once
+    for stage in ("zero_shot", "lora"):
+        assert sum(map(sum, evaluate.read_confusion_matrices(run_dir)[stage])) == 16    # each image once
     assert len(list(run_dir.glob("wandb/offline-run-*"))) == 1
+    # the same batches of 4 in one process: the untrained model's predictions row by row
+    alone = exercise_3.main(tiny_args(tiny_clip_dir, tiny_imagenet_dir, tmp_path / "alone", eval_batch_size=4))
+    joined, single = (evaluate.read_predictions(folder / evaluate.PREDICTIONS_DIR / "zero_shot_validation.csv")
+                      for folder in (run_dir, alone))
+    assert [row["id"] for row in joined] == list(range(16))
+    assert [{**row, "score": None} for row in joined] == [{**row, "score": None} for row in single]
+    assert [row["score"] for row in joined] == pytest.approx([row["score"] for row in single], rel=1e-4)
 
 
 @pytest.mark.slow
