@@ -226,12 +226,13 @@ def evaluate_zero_shot(model, classifier: torch.Tensor, class_names: list[str], 
     Memory is bounded by one batch: per image only its label, top-k class ids and best probability are kept.
     Under torchrun each process scores its share of the images and every process gets the whole result.
     A batch with no readable image is skipped (its images counted); a `split` with none at all is a LabError."""
+    from accelerate.utils import gather_object
     from torch.utils.data import DataLoader, Subset
     from tqdm.auto import tqdm
 
     share = training.process_share(len(dataset))
-    loader = DataLoader(Subset(dataset, share) if len(share) < len(dataset) else dataset, batch_size=batch_size,
-                        shuffle=False, collate_fn=collator, num_workers=num_workers)
+    loader = DataLoader(Subset(dataset, share), batch_size=batch_size, shuffle=False, collate_fn=collator,
+                        num_workers=num_workers)
     k = min(top_k, len(classifier))
     # each list starts with an empty array so that a share with no readable image still concatenates
     labels, rows, skipped = [np.empty(0, np.int64)], [np.empty(0, np.int64)], []
@@ -251,16 +252,17 @@ def evaluate_zero_shot(model, classifier: torch.Tensor, class_names: list[str], 
             offset += len(batch["kept"])
     seconds = time.perf_counter() - start
     # the shares in rank order are the rows in order; the slowest process's time is the evaluation's
-    shares = training.gather_from_processes(
-        (*(np.concatenate(part) for part in (labels, best, scores, rows)), skipped, seconds))
-    labels, best, scores, rows = (np.concatenate([share[i] for share in shares]) for i in range(4))
-    skipped = [path for share in shares for path in share[4]]
-    if not len(labels):
+    shares = gather_object([{"labels": np.concatenate(labels), "top_k": np.concatenate(best),
+                             "scores": np.concatenate(scores), "rows": np.concatenate(rows),
+                             "skipped": skipped, "seconds": seconds}])
+    joined = {name: np.concatenate([share[name] for share in shares]) for name in ("labels", "top_k", "scores", "rows")}
+    skipped = [path for share in shares for path in share["skipped"]]
+    if not len(joined["labels"]):
         raise LabError(f"every image of the {split} split is unreadable ({len(dataset)} images, e.g. "
                        f"{skipped[0] if skipped else '-'}); nothing can be scored: check the image files")
-    metrics, matrix, recall, pairs = zero_shot_metrics(labels, best, class_names)
-    return ZeroShotResult(metrics, labels, best, rows, matrix, recall, pairs, skipped,
-                          max(share[5] for share in shares), scores)
+    metrics, matrix, recall, pairs = zero_shot_metrics(joined["labels"], joined["top_k"], class_names)
+    return ZeroShotResult(metrics, joined["labels"], joined["top_k"], joined["rows"], matrix, recall, pairs, skipped,
+                          max(share["seconds"] for share in shares), joined["scores"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -78,24 +78,14 @@ def distributed() -> bool:
 
 def process_share(count: int) -> range:
     """This process's contiguous share of `count` rows, in rank order (all of them in a single process):
-    evaluation outside the Trainer splits its data this way, then joins it with gather_from_processes."""
+    evaluation outside the Trainer splits its data this way, then joins the shares with accelerate's
+    gather_object."""
     if not distributed():
         return range(count)
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
     return range(count * rank // world, count * (rank + 1) // world)
-
-
-def gather_from_processes(value) -> list:
-    """Every process's `value` (anything picklable), in rank order; [value] in a single process."""
-    if not distributed():
-        return [value]
-    import torch.distributed as dist
-
-    values = [None] * dist.get_world_size()
-    dist.all_gather_object(values, value)
-    return values
 
 
 def largest_across_processes(value: int, device) -> int:
