@@ -17,7 +17,6 @@ import numpy as np
 
 import data
 import hub
-import utils
 from data import SPLIT_ALIASES, carve_split, subsample_rows
 from utils import LabError
 
@@ -28,7 +27,14 @@ IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 WORDNET_ID = re.compile(r"^n\d{8}$")
 
 
-WORDS_FILE = "data/tiny-imagenet-200/words.txt"
+# Shipped with the project: the WordNet synonyms of Tiny ImageNet's 200 classes, for data whose labels are
+# WordNet ids and that brings no words.txt of its own (the Hub's zh-plus/tiny-imagenet, a bare release folder)
+SHIPPED_WORDS = Path(__file__).resolve().parent / "class_names" / "tiny_imagenet_wordnet.json"
+
+
+def shipped_wordnet_words() -> dict:
+    """wnid -> comma-separated synonyms for the 200 Tiny ImageNet classes (SHIPPED_WORDS)."""
+    return json.loads(SHIPPED_WORDS.read_text(encoding="utf-8"))["synonyms"]
 
 
 def read_wordnet_words(words_file: Path) -> dict:
@@ -45,7 +51,8 @@ def readable_class_names(raw_names: list[str], style: str = "first", words_file:
 
     `raw_names` are WordNet ids or folder names. `style`: "first" (first WordNet synonym),
     "all" (every synonym, as in words.txt), or the path of a JSON file {raw name: readable name}
-    (classes it leaves out fall back to "first"). Folder names lose their underscores.
+    (classes it leaves out fall back to "first"). Synonyms come from `words_file` (a release's words.txt)
+    and, for the ids it lacks, from the names shipped for Tiny ImageNet. Folder names lose their underscores.
     """
     custom = {}
     if style not in ("first", "all"):
@@ -57,7 +64,7 @@ def readable_class_names(raw_names: list[str], style: str = "first", words_file:
         if len(unused) == len(custom):
             print(f"warning: none of the {len(custom)} ids in {custom_file} is a class of this dataset "
                   f"(e.g. {unused[0]!r}; classes are e.g. {list(raw_names[:3])})", file=sys.stderr)
-    words = read_wordnet_words(words_file) if words_file and Path(words_file).is_file() else {}
+    words = {**shipped_wordnet_words(), **(read_wordnet_words(words_file) if words_file else {})}
     names = []
     for raw in raw_names:
         if raw in custom:
@@ -201,7 +208,7 @@ def load_image_dataset(dataset: str, seed: int = 0, max_train_samples: int | Non
         splits, raw_names = read_image_folder(path)
     train_dir = path / "train" if (path / "train").is_dir() else path
     check_class_images(*splits["train"], raw_names[:max_classes], train_dir)
-    words_file = path / "words.txt" if (path / "words.txt").exists() else utils.shared_dir() / WORDS_FILE
+    words_file = path / "words.txt" if (path / "words.txt").exists() else None
     if "validation" not in splits:
         paths, labels = splits["train"]
         rest, carved = carve_split(labels, validation_fraction, seed, dataset, "validation", raw_names)
@@ -313,10 +320,9 @@ def _load_hub_images(dataset, seed, max_train_samples, max_eval_samples, max_cla
 
     source = hub.resolve_pretrained(dataset, "dataset", "dataset=<the Tiny ImageNet release folder or an "
                                       "ImageFolder>, e.g. ../shared/data/tiny-imagenet-200")
-    # The Hub's Tiny ImageNet labels are WordNet ids without names: read them from a words.txt
-    words_file = utils.shared_dir() / WORDS_FILE
+    # the Hub's Tiny ImageNet labels are WordNet ids without names: readable_class_names has them (SHIPPED_WORDS)
     return hub_image_splits(load_dataset(source), seed, max_train_samples, max_eval_samples, max_classes,
-                            class_names, validation_fraction, words_file)
+                            class_names, validation_fraction)
 
 
 def to_rgb(image):

@@ -282,11 +282,6 @@ def environment_info() -> dict:
     }
 
 
-def shared_dir() -> Path:
-    """The read-only assets folder (`LAB_SHARED_DIR`, default `../shared` from the repo root)."""
-    return Path(os.environ.get("LAB_SHARED_DIR", Path(__file__).resolve().parent.parent / "shared"))
-
-
 # ---------------------------------------------------------------------------------------------
 # Run folders
 # ---------------------------------------------------------------------------------------------

@@ -30,11 +30,11 @@ def parser(doc: str, dataset: str, model_help: str = "encoder folder (default: t
     """The arguments every bench takes first: --model and --dataset (a folder of the shared assets)."""
     import argparse
 
-    import utils
+    from tools import assets
 
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help=model_help)
-    parser.add_argument("--dataset", default=str(utils.shared_dir() / "data" / dataset))
+    parser.add_argument("--dataset", default=str(assets.shared_dir() / "data" / dataset))
     return parser
 
 

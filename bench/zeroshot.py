@@ -25,13 +25,12 @@ import numpy as np
 from bench import common
 
 common.offline_env()
-from tools import build_tiny_clip  # noqa: E402
+from tools import assets, build_tiny_clip  # noqa: E402
 import LoRA  # noqa: E402
 import images  # noqa: E402
 import clip  # noqa: E402
 import exercise_3  # noqa: E402
 import torch  # noqa: E402
-import utils  # noqa: E402
 
 
 def reencoding_predictions(model, tokenizer, class_names, templates, dataset, collator, batch_size) -> np.ndarray:
@@ -85,7 +84,7 @@ def random_vit_b_16():
     CLIP tokenizer and 224 px preprocessing (CLIPImageProcessor's defaults)."""
     from transformers import CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
 
-    tokenizer = CLIPTokenizer.from_pretrained(str(utils.shared_dir() / build_tiny_clip.TOKENIZER_DIR), model_max_length=77)
+    tokenizer = CLIPTokenizer.from_pretrained(str(assets.shared_dir() / build_tiny_clip.TOKENIZER_DIR), model_max_length=77)
     torch.manual_seed(0)
     return CLIPModel(build_tiny_clip.vit_b_16_config(len(tokenizer))), tokenizer, CLIPImageProcessorPil()
 

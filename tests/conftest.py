@@ -17,12 +17,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "offline")
 
 import data  # noqa: E402  (after the environment above)
-import utils  # noqa: E402
+from tools import assets  # noqa: E402
 
 
 def require_shared(relative: str) -> Path:
     """Path to an asset in LAB_SHARED_DIR: skip if missing, fail if LAB_REQUIRE_SHARED=1."""
-    path = utils.shared_dir() / relative
+    path = assets.shared_dir() / relative
     if not path.exists():
         message = f"shared asset {path} missing (set LAB_SHARED_DIR)"
         if os.environ.get("LAB_REQUIRE_SHARED") == "1":
@@ -52,11 +52,14 @@ def minilm_path() -> str:
     return str(gt.get_model_path())
 
 
-def build_tiny_distilbert(folder: Path, corpus: list[str], vocab_words: int = 2000, seed: int = 0) -> Path:
+def build_tiny_distilbert(folder: Path, corpus: list[str], vocab_words: int = 2000, seed: int = 0,
+                          masked_lm: bool = False) -> Path:
     """Save a random 2-layer DistilBERT with its own WordPiece vocab (frequent corpus words plus
-    single characters, so any text tokenizes) to `folder`; return the folder."""
+    single characters, so any text tokenizes) to `folder`; return the folder. `masked_lm`: a
+    DistilBertForMaskedLM, the architecture of the Hub's distilbert-base-uncased, instead of a 2-class classifier."""
     import torch
-    from transformers import DistilBertConfig, DistilBertForSequenceClassification, DistilBertTokenizerFast
+    from transformers import (DistilBertConfig, DistilBertForMaskedLM, DistilBertForSequenceClassification,
+                              DistilBertTokenizerFast)
 
     counts = Counter(word for text in corpus for word in text.lower().split())
     chars = sorted({c for text in corpus for c in text.lower() if not c.isspace()} | set("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-"))
@@ -67,8 +70,8 @@ def build_tiny_distilbert(folder: Path, corpus: list[str], vocab_words: int = 20
                                         do_lower_case=True)
     torch.manual_seed(seed)
     config = DistilBertConfig(vocab_size=len(tokenizer), dim=32, n_layers=2, n_heads=2, hidden_dim=64,
-                              max_position_embeddings=256, num_labels=2)
-    DistilBertForSequenceClassification(config).save_pretrained(folder)
+                              max_position_embeddings=256, **({} if masked_lm else {"num_labels": 2}))
+    (DistilBertForMaskedLM if masked_lm else DistilBertForSequenceClassification)(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -153,7 +156,7 @@ def torchrun_two_processes(script: str, args: list[str], output_dir: Path, timeo
     exactly one run folder. Returns (its results.json, the folder)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                str(ROOT / script), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "LAB_SHARED_DIR": str(utils.shared_dir())}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LAB_SHARED_DIR": str(assets.shared_dir())}
     finished = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert finished.returncode == 0, finished.stderr[-3000:]
     results_files = list(Path(output_dir).rglob("results.json"))

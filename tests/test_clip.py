@@ -171,6 +171,35 @@ def test_hub_format_keeps_images_undecoded_and_maps_wordnet_ids(tmp_path, tiny_c
     assert lazy[0]["pixel_values"].shape == (3, 32, 32)
 
 
+def test_wordnet_ids_get_the_shipped_names_without_the_assets_folder(tmp_path, monkeypatch, tiny_imagenet_dir):
+    """Users have no ../shared: the Hub's Tiny ImageNet (labels are WordNet ids) and a release folder without
+    words.txt must still prompt with readable names, from the names the project ships."""
+    from datasets import ClassLabel, Dataset, DatasetDict, Features
+    from datasets import Image as ImageFeature
+
+    monkeypatch.setenv("LAB_SHARED_DIR", str(tmp_path / "no-assets-here"))
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, "PNG")
+    features = Features({"image": ImageFeature(), "label": ClassLabel(names=["n02124075", "n04067472", "n01641577"])})
+    table = {"image": [{"bytes": buffer.getvalue(), "path": None}] * 6, "label": [0, 1, 2] * 2}
+    loaded = DatasetDict({"train": Dataset.from_dict(table, features=features),
+                          "valid": Dataset.from_dict(table, features=features)})
+    assert images.hub_image_splits(loaded)["train"].features["label"].names == ["Egyptian cat", "reel", "bullfrog"]
+    assert images.hub_image_splits(loaded, class_names="all")["train"].features["label"].names[2] == \
+        "bullfrog, Rana catesbeiana"
+    release = tmp_path / "release"                  # the release layout, words.txt left out
+    (release / "train").mkdir(parents=True)
+    (release / "wnids.txt").write_text("n02124075\nn04067472\n")
+    for wnid in ("n02124075", "n04067472"):
+        (release / "train" / wnid).symlink_to(tiny_imagenet_dir / "train" / wnid)
+    names = images.load_image_dataset(str(release))["train"].features["label"].names
+    assert names == ["Egyptian cat", "reel"]
+    shipped = images.shipped_wordnet_words()
+    assert list(shipped) == (tiny_imagenet_dir / "wnids.txt").read_text().split()
+    first = [synonyms.split(",")[0].strip() for synonyms in shipped.values()]
+    assert len(set(first)) == 200 and not any(images.WORDNET_ID.match(name) for name in first)
+
+
 def test_transforms_are_lazy_and_write_nothing(tiny_imagenet_dir, tiny_clip):
     calls = []
 

@@ -28,7 +28,7 @@ from conftest import ROOT, read_results
 from test_exercise_2 import tiny_args as tiny_args_2
 from test_clip import write_truncated_jpeg
 from test_exercise_3 import tiny_args as tiny_args_3
-from tools import build_tiny_clip
+from tools import assets, build_tiny_clip
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CLASSIFICATION = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "precision_weighted",
@@ -186,7 +186,7 @@ def test_a_relative_model_folder_is_found_from_where_the_run_started(tmp_path, m
 
 def run_predict(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "predict.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "LAB_SHARED_DIR": str(utils.shared_dir())})
+                          timeout=120, env={**os.environ, "LAB_SHARED_DIR": str(assets.shared_dir())})
 
 
 def write_results(run_dir: Path, exercise: str, **extra) -> Path:

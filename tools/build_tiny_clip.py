@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 import utils
+from tools import assets
 from utils import LabError
 
 
@@ -48,7 +49,7 @@ def build_tiny_clip(folder: Path, **overrides) -> Path:
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer
 
     spec = {**TINY_CLIP, **overrides}
-    tokenizer_dir = Path(spec["tokenizer_dir"] or utils.shared_dir() / TOKENIZER_DIR)
+    tokenizer_dir = Path(spec["tokenizer_dir"] or assets.shared_dir() / TOKENIZER_DIR)
     if not (tokenizer_dir / "vocab.json").exists() or not (tokenizer_dir / "merges.txt").exists():
         raise LabError(f"no CLIP tokenizer files (vocab.json, merges.txt) in {tokenizer_dir}; "
                        f"set LAB_SHARED_DIR or tokenizer_dir=<folder>")
