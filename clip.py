@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -151,6 +152,19 @@ def clip_core(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+@contextmanager
+def eval_mode(model):
+    """`model` in eval mode inside the block (dropout off, LoRA's adapter dropout too), every module's own mode
+    restored after: evaluations run in the middle of training, and a forward pass with dropout is a random one."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 def build_zero_shot_classifier(model, tokenizer, class_names: list[str], templates=TEMPLATES["single"],
                                batch_size: int = 256) -> torch.Tensor:
     """The zero-shot head: (num_classes, dim) unit text features, one per class. Every (template, class)
@@ -162,16 +176,13 @@ def build_zero_shot_classifier(model, tokenizer, class_names: list[str], templat
     core = clip_core(model)
     device = next(core.parameters()).device
     prompts = [template.format(name) for template in templates for name in class_names]
-    was_training = core.training
-    core.eval()
     features = []
-    with torch.inference_mode():
+    with torch.inference_mode(), eval_mode(core):
         for start in range(0, len(prompts), batch_size):
             tokens = tokenizer(prompts[start:start + batch_size], padding=True, truncation=True,
                                max_length=text_max_length(core), return_tensors="pt").to(device)
             text = core.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
             features.append(F.normalize(text.pooler_output.float(), dim=-1))
-    core.train(was_training)
     per_template = torch.cat(features).view(len(templates), len(class_names), -1)
     return F.normalize(per_template.mean(0), dim=-1)
 
@@ -223,6 +234,7 @@ def evaluate_zero_shot(model, classifier: torch.Tensor, class_names: list[str], 
                        num_workers: int = 0, desc: str = "zero-shot", top_k: int = 5,
                        split: str = "validation") -> ZeroShotResult:
     """Classify every image of a transformed dataset against a zero-shot head (one row per class name).
+    It runs in eval mode (no dropout) and leaves every module in the mode it found it.
     Memory is bounded by one batch: per image only its label, top-k class ids and best probability are kept.
     Under torchrun each process scores its share of the images and every process gets the whole result.
     A batch with no readable image is skipped (its images counted); a `split` with none at all is a LabError."""
@@ -239,7 +251,7 @@ def evaluate_zero_shot(model, classifier: torch.Tensor, class_names: list[str], 
     best, scores = [np.empty((0, k), np.int64)], [np.empty(0, np.float32)]
     start = time.perf_counter()
     offset = share.start
-    with torch.inference_mode():
+    with torch.inference_mode(), eval_mode(model):
         for batch in tqdm(loader, desc=desc, unit="batch"):
             skipped += batch.get("skipped_images", [])
             if len(batch["labels"]):

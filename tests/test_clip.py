@@ -483,6 +483,34 @@ def test_adapter_save_load_and_merge_give_identical_logits(tiny_clip_dir, tmp_pa
     assert torch.allclose(clip_logits(merged, tokenizer, pixels), logits, atol=1e-5)
 
 
+def test_evaluation_runs_without_dropout_and_restores_each_modules_mode(tiny_imagenet_dir, tiny_clip):
+    """Evaluations run mid-training (and right after it), with the model in train mode: adapter dropout
+    must be off while they score, or the stage's metrics and predictions come from a random forward pass."""
+    model, tokenizer, image_processor = tiny_clip
+    splits = images.load_image_dataset(str(tiny_imagenet_dir), max_classes=10, max_eval_samples=40)
+    names = splits["validation"].features["label"].names
+    lazy = splits["validation"].with_transform(clip.ImageTransform(image_processor))
+    collator = clip.ImageTextCollator(tokenizer, names)
+    adapted = LoRA.apply_lora(model, {**LORA, "dropout": 0.5}, task_type=None)
+    randomize_adapters(adapted, seed=2)
+    frozen = [name for name, module in adapted.named_modules() if "dropout" in name][:1]
+
+    def evaluate(mode):
+        adapted.train(mode)
+        adapted.get_submodule(frozen[0]).eval()      # one module left in its own mode by the caller
+        head = clip.build_zero_shot_classifier(adapted, tokenizer, names)
+        result = clip.evaluate_zero_shot(adapted, head, names, lazy, collator, batch_size=16)
+        assert adapted.training is mode and not adapted.get_submodule(frozen[0]).training
+        assert all(module.training is mode for name, module in adapted.named_modules() if not name.startswith(frozen[0]))
+        return result
+
+    reference = evaluate(False)
+    for _ in range(2):
+        during_training = evaluate(True)
+        assert (during_training.top_k == reference.top_k).all()
+        assert during_training.scores == pytest.approx(reference.scores, abs=1e-6)
+
+
 def test_adapter_load_and_merge_change_the_zero_shot_head(tiny_clip_dir, tmp_path):
     model, tokenizer, _ = clip.load_clip(str(tiny_clip_dir))
     names = ["cat", "dog", "bus"]
