@@ -19,6 +19,7 @@ from PIL import Image
 import LoRA
 import clip
 import images
+import losses
 import training
 from conftest import ROOT
 from tools import build_tiny_clip
@@ -315,7 +316,7 @@ def test_class_loss_with_repeated_labels_against_manual(tiny_clip, tmp_path):
         text = F.normalize(model.get_text_features(**prompts).pooler_output, dim=-1)
         manual = F.cross_entropy(100.0 * image @ text.T, torch.tensor(labels))
         # the in-batch loss counts same-class pairs as negatives: a different number
-        in_batch = clip.clip_loss(image, text[torch.tensor(labels)], model.logit_scale)
+        in_batch = losses.clip_loss(image, text[torch.tensor(labels)], model.logit_scale)
     assert torch.allclose(ours, manual, atol=1e-5), (ours, manual)
     assert not torch.allclose(in_batch, manual, atol=1e-3)
 
@@ -326,10 +327,10 @@ def test_logit_scale_learns_below_the_cap_and_stops_at_it():
     text = F.normalize(torch.randn(4, 8, generator=generator), dim=-1)
     for value, learns in ((math.log(10.0), True), (math.log(400.0), False)):
         logit_scale = torch.tensor(value, requires_grad=True)
-        clip.clip_loss(image, text, logit_scale).backward()
+        losses.clip_loss(image, text, logit_scale).backward()
         assert bool(logit_scale.grad != 0) == learns
-    capped = clip.clip_loss(image, text, torch.tensor(math.log(400.0)))
-    assert torch.allclose(capped, clip.clip_loss(image, text, torch.tensor(math.log(100.0))))
+    capped = losses.clip_loss(image, text, torch.tensor(math.log(400.0)))
+    assert torch.allclose(capped, losses.clip_loss(image, text, torch.tensor(math.log(100.0))))
 
 
 def test_non_finite_loss_stops_before_the_update(tiny_clip, tmp_path):
@@ -548,14 +549,14 @@ def test_build_tiny_cli_makes_a_loadable_clip(tmp_path, clip_tokenizer_dir, caps
 DDP_WORKER = r"""
 import os, sys
 import torch, torch.distributed as dist
-import clip
+import losses
 rank = int(sys.argv[2])
 dist.init_process_group("gloo", init_method="file://" + sys.argv[3], rank=rank, world_size=2)
 full = torch.load(sys.argv[4], weights_only=True)
 rows = slice(0, 3) if rank == 0 else slice(3, 8)         # unequal shares, as after skipped images
 image = full["image"][rows].clone().requires_grad_()
 text = full["text"][rows].clone().requires_grad_()
-loss = clip.clip_loss(image, text, full["scale"])
+loss = losses.clip_loss(image, text, full["scale"])
 loss.backward()
 torch.save({"loss": loss.detach(), "n": image.shape[0], "image_grad": image.grad, "text_grad": text.grad},
            sys.argv[5] + f"-{rank}.pt")
@@ -578,7 +579,7 @@ def test_clip_loss_gathers_features_across_processes(tmp_path):
     outputs = [torch.load(tmp_path / f"out-{rank}.pt", weights_only=True) for rank in range(2)]
     # each process scores its own rows against all 8 pairs: the row-weighted mean is the full-batch loss
     image, text = full["image"].clone().requires_grad_(), full["text"].clone().requires_grad_()
-    reference = clip.clip_loss(image, text, full["scale"])
+    reference = losses.clip_loss(image, text, full["scale"])
     combined = sum(out["loss"] * out["n"] for out in outputs) / 8
     assert torch.allclose(combined, reference, atol=1e-6)
     # gradients flow through the gather: each process's rows get the gradient of every process's loss
