@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from transformers import TrainerCallback
 
+import devices
 import evaluate
 import hub
 import images
@@ -160,12 +161,12 @@ def eval_mode(model):
     try:
         yield model
     finally:
-        for module, training in modes:
-            module.training = training
+        for module, was_training in modes:
+            module.training = was_training
 
 
 def build_zero_shot_classifier(model, tokenizer, class_names: list[str], templates=TEMPLATES["single"],
-                               batch_size: int = 256) -> torch.Tensor:
+                               batch_size: int = 256, precision: str = "no") -> torch.Tensor:
     """The zero-shot head: (num_classes, dim) unit text features, one per class. Every (template, class)
     prompt is encoded in batches, each feature normalised, averaged over templates and renormalised.
 
@@ -176,7 +177,7 @@ def build_zero_shot_classifier(model, tokenizer, class_names: list[str], templat
     device = next(core.parameters()).device
     prompts = [template.format(name) for template in templates for name in class_names]
     features = []
-    with torch.inference_mode(), eval_mode(core):
+    with torch.inference_mode(), eval_mode(core), devices.autocast(device.type, precision):
         for start in range(0, len(prompts), batch_size):
             tokens = tokenizer(prompts[start:start + batch_size], padding=True, truncation=True,
                                max_length=text_max_length(core), return_tensors="pt").to(device)
@@ -186,10 +187,13 @@ def build_zero_shot_classifier(model, tokenizer, class_names: list[str], templat
     return F.normalize(per_template.mean(0), dim=-1)
 
 
-def zero_shot_logits(model, pixel_values: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
-    """(batch, num_classes) scaled cosine similarities of images against the zero-shot head."""
+def zero_shot_logits(model, pixel_values: torch.Tensor, classifier: torch.Tensor, precision: str = "no") -> torch.Tensor:
+    """(batch, num_classes) scaled cosine similarities of images against the zero-shot head; the image tower
+    runs in `precision` (devices.precision), the similarities in fp32."""
     core = clip_core(model)
-    image = core.get_image_features(pixel_values=pixel_values.to(classifier.device)).pooler_output
+    pixel_values = pixel_values.to(classifier.device, non_blocking=True)
+    with devices.autocast(classifier.device.type, precision):
+        image = core.get_image_features(pixel_values=pixel_values).pooler_output
     return core.logit_scale.exp().float() * F.normalize(image.float(), dim=-1) @ classifier.T
 
 
@@ -231,9 +235,9 @@ def zero_shot_metrics(labels, top_k, label_names: list[str]) -> tuple[dict, np.n
 
 def evaluate_zero_shot(model, classifier: torch.Tensor, class_names: list[str], dataset, collator, batch_size: int = 64,
                        num_workers: int = 0, desc: str = "zero-shot", top_k: int = 5,
-                       split: str = "validation") -> ZeroShotResult:
+                       split: str = "validation", precision: str = "no") -> ZeroShotResult:
     """Classify every image of a transformed dataset against a zero-shot head (one row per class name).
-    It runs in eval mode (no dropout) and leaves every module in the mode it found it.
+    It runs in eval mode (no dropout) and in `precision`, and leaves every module in the mode it found it.
     Memory is bounded by one batch: per image only its label, top-k class ids and best probability are kept.
     Under torchrun each process scores its share of the images and every process gets the whole result.
     A batch with no readable image is skipped (its images counted); a `split` with none at all is a LabError."""
@@ -243,7 +247,7 @@ def evaluate_zero_shot(model, classifier: torch.Tensor, class_names: list[str], 
 
     share = training.process_share(len(dataset))
     loader = DataLoader(Subset(dataset, share), batch_size=batch_size, shuffle=False, collate_fn=collator,
-                        num_workers=num_workers)
+                        num_workers=num_workers, pin_memory=devices.pin_memory(classifier.device.type))
     k = min(top_k, len(classifier))
     # each list starts with an empty array so that a share with no readable image still concatenates
     labels, rows, skipped = [np.empty(0, np.int64)], [np.empty(0, np.int64)], []
@@ -254,7 +258,7 @@ def evaluate_zero_shot(model, classifier: torch.Tensor, class_names: list[str], 
         for batch in tqdm(loader, desc=desc, unit="batch"):
             skipped += batch.get("skipped_images", [])
             if len(batch["labels"]):
-                logits = zero_shot_logits(model, batch["pixel_values"], classifier)
+                logits = zero_shot_logits(model, batch["pixel_values"], classifier, precision)
                 top = logits.topk(k, dim=-1)
                 best.append(top.indices.cpu().numpy())
                 scores.append((top.values[:, 0] - logits.logsumexp(dim=-1)).exp().cpu().numpy())
@@ -349,10 +353,12 @@ class CLIPTrainer(training.LabTrainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
         """Zero-shot classification of the eval set with a head built from the text tower as it is now."""
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        classifier = build_zero_shot_classifier(self.model, self.processing_class, self.class_names, self.templates)
+        precision = "bf16" if self.args.bf16 else "fp16" if self.args.fp16 else "no"   # as training computes
+        classifier = build_zero_shot_classifier(self.model, self.processing_class, self.class_names, self.templates,
+                                                precision=precision)
         result = evaluate_zero_shot(self.model, classifier, self.class_names, dataset, self.data_collator,
                                     self.args.per_device_eval_batch_size, self.args.dataloader_num_workers,
-                                    desc=f"zero-shot eval (step {self.state.global_step})")
+                                    desc=f"zero-shot eval (step {self.state.global_step})", precision=precision)
         metrics = {f"{metric_key_prefix}_{name}": value for name, value in result.metrics.items()}
         metrics[f"{metric_key_prefix}_images_per_second"] = result.images_per_second
         self.log(metrics)

@@ -17,6 +17,7 @@ import numpy as np
 import LoRA
 import cache
 import data
+import devices
 import evaluate
 import hub
 import plots
@@ -38,6 +39,7 @@ CONFIG = {
     "eval_batch_size": 64,           # texts per forward pass (on CPU also at most 1024 tokens)
     "cache_features": True,          # reuse features from <output_dir>/cache when nothing changed
     "quantize": None,                # "int8": dynamic int8 Linear layers (CPU only): faster extraction, slightly different features
+    "mixed_precision": "auto",       # extraction precision: auto (bf16 on Ampere+ GPUs, fp16 on older, fp32 on CPU), no, bf16, fp16
     # classifiers
     "standardize": True,             # z-score features before each classifier
     "svc_kernel": "rbf",             # SVC kernel
@@ -57,7 +59,7 @@ CONFIG = {
     "trust_remote_code": False,      # run code shipped with a Hub model; only for models you trust
 }
 CHOICES = {"pooling": ("cls", "mean"), "svc_kernel": ("linear", "poly", "rbf", "sigmoid"),
-           "wandb_mode": loggers.WANDB_MODES, "quantize": (None, "int8")}
+           "wandb_mode": loggers.WANDB_MODES, "quantize": (None, "int8"), "mixed_precision": devices.PRECISIONS}
 POSITIVE = ("max_train_samples", "max_eval_samples", "max_length", "eval_batch_size", "svc_C", "logreg_C",
             "logreg_max_iter", "C_grid")
 INTEGERS = ("max_train_samples", "max_eval_samples")  # whole numbers (their default is None)
@@ -72,6 +74,8 @@ def main(argv: list[str] | None = None):
     if config["quantize"] and device != "cpu":
         raise utils.LabError(f"quantize={config['quantize']} runs on CPU only (dynamic int8 Linear layers have no "
                              f"CUDA kernels) and this machine has {device}; leave quantize=None there")
+    precision = "no" if config["quantize"] else devices.precision(config["mixed_precision"], device)
+    devices.warn_slow_precision(precision, device)
     utils.set_seed(config["seed"])
     timing = {}
     start = time.perf_counter()
@@ -101,11 +105,13 @@ def main(argv: list[str] | None = None):
             texts = dataset["text"]
             key = {"model": model_key, "texts": cache.texts_fingerprint(texts), "split": split,
                    "pooling": config["pooling"], "max_length": max_length,
-                   # only when set, so fp32 entries written before the option existed stay valid
-                   **({"quantize": config["quantize"]} if config["quantize"] else {})}
+                   # only when set, so fp32 entries written before these options existed stay valid
+                   **({"quantize": config["quantize"]} if config["quantize"] else {}),
+                   **({"precision": precision} if precision != "no" else {})}
             began = time.perf_counter()
             compute = lambda: extract_features(model, tokenizer, texts, config["pooling"], max_length,
-                                               config["eval_batch_size"], device, desc=f"features {split}")
+                                               config["eval_batch_size"], device, desc=f"features {split}",
+                                               precision=precision)
             if config["cache_features"]:
                 features[split], hit = cache.cached_array(run_dir.parent / "cache", key, compute,
                                                           rows=len(texts), dtype=np.float32)
@@ -139,13 +145,13 @@ def main(argv: list[str] | None = None):
         logger.log_figure(f"{stage}/confusion_test", figure)
         logger.log_text(f"{stage}/classification_report_test", reports[stage])
         logger.log_metrics(metrics[stage], prefix=f"{stage}.")
-    save_classifiers(run_dir, classifiers, config, label_names)
+    save_classifiers(run_dir, classifiers, {**config, "mixed_precision": precision}, label_names)
     timing["total"] = round(time.perf_counter() - start, 3)
 
     # 7. results file and summary
     model_info = {"name": config["model_name"], "parameters": parameters,
                   "hidden_size": int(features["train"].shape[1]), "pooling": config["pooling"],
-                  "quantize": config["quantize"]}
+                  "quantize": config["quantize"], "precision": precision}
     evaluate.write_results(run_dir, "exercise_1", config, metrics, timing, model_info,
                            label_names=label_names, classifiers=chosen, confusion_matrices=matrices,
                            classification_reports=reports, throughput_sentences_per_s=throughput,
@@ -234,8 +240,10 @@ def length_batches(lengths: list[int], batch_size: int, max_tokens: int | None =
 
 
 def extract_features(model, tokenizer, texts: list[str], pooling: str = "cls", max_length: int = 128,
-                     batch_size: int = 64, device: str = "cpu", desc: str = "features") -> np.ndarray:
-    """Pooled last-layer features (n, dim) float32, in the order of `texts` (max_length within the model's limit).
+                     batch_size: int = 64, device: str = "cpu", desc: str = "features",
+                     precision: str = "no") -> np.ndarray:
+    """Pooled last-layer features (n, dim) float32, in the order of `texts` (max_length within the model's limit),
+    the encoder running in `precision` (devices.precision).
 
     Tokenizes once without padding, then runs batches of similar length (sorted, longest first so
     an out-of-memory shows at once) so padding costs almost nothing. On CPU, batches also hold at
@@ -255,9 +263,12 @@ def extract_features(model, tokenizer, texts: list[str], pooling: str = "cls", m
 
     def embed(rows):
         input_ids, attention_mask = pad_batch([encoded[i] for i in rows], pad_id)
-        with torch.inference_mode():
-            hidden = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).last_hidden_state
-            return rows, pool(hidden, attention_mask.to(device), pooling).float().cpu().numpy()
+        if devices.pin_memory(device):
+            input_ids, attention_mask = input_ids.pin_memory(), attention_mask.pin_memory()
+        with torch.inference_mode(), devices.autocast(device, precision):
+            hidden = model(input_ids=input_ids.to(device, non_blocking=True),
+                           attention_mask=attention_mask.to(device, non_blocking=True)).last_hidden_state
+            return rows, pool(hidden.float(), attention_mask.to(device), pooling).cpu().numpy()
 
     threads = torch.get_num_threads()
     workers = min(threads, len(batches)) if device == "cpu" else 1
@@ -344,7 +355,8 @@ def save_classifiers(run_dir, classifiers: dict, config: dict, label_names: list
     folder.mkdir(exist_ok=True)
     for stage, classifier in classifiers.items():
         skops.io.dump(classifier, folder / f"{stage}.skops")
-    encoder = {key: config[key] for key in ("model_name", "pooling", "max_length", "trust_remote_code", "quantize")}
+    encoder = {key: config[key] for key in ("model_name", "pooling", "max_length", "trust_remote_code", "quantize",
+                                            "mixed_precision")}
     (folder / "encoder.json").write_text(json.dumps({**encoder, "label_names": label_names}, indent=2))
 
 

@@ -25,6 +25,7 @@ import numpy as np
 
 import LoRA
 import clip
+import devices
 import evaluate
 import images
 import plots
@@ -42,8 +43,7 @@ CONFIG = {
     "bad_images": "skip",            # unreadable images: "skip" (warn, count in results.json) or "fail"
     # zero-shot classification
     "prompts": "single",             # "single" ("a photo of a {}.") or "ensemble" (features averaged)
-    "eval_batch_size": 32,           # images per forward pass when evaluating (ViT-B/16 on a 2-core CPU: 4.4 images/s at
-                                     # 32, 3.2 at 128, whose activations outgrow the caches; a GPU may take more)
+    "eval_batch_size": 32,           # images per forward pass when evaluating (on a CPU larger batches outgrow the caches; a GPU may take more)
     # fine-tuning
     "loss": "clip",                  # "clip": in-batch symmetric contrastive (the reference); "class": vs all classes
     "train_template": "a photo of a {}.",  # prompt paired with each training image; {} is its class name
@@ -57,13 +57,13 @@ CONFIG = {
     "warmup": 0.1,                   # < 1: fraction of all steps; >= 1: number of steps
     "lr_scheduler_type": "cosine",   # learning-rate schedule after warmup
     "max_grad_norm": 1.0,            # gradients are clipped to this global norm
-    "mixed_precision": "auto",       # auto: bf16 on CUDA, fp32 on CPU
+    "mixed_precision": "auto",       # auto: bf16 on Ampere+ GPUs, fp16 on older ones, fp32 on CPU; bf16 on CPU only to check dtypes (slow)
     "eval_strategy": "no",           # zero-shot validation during training: "no" | "epoch" | "steps"
     "eval_steps": 200,               # with eval_strategy=steps: evaluate every this many steps
     "logging_steps": 10,             # log the training loss every this many steps
     "save_steps": 200,               # checkpoints (adapters + optimizer) for resume
     "save_total_limit": 2,           # checkpoints kept
-    "dataloader_num_workers": 0,     # processes decoding images while the model works (0 = none)
+    "dataloader_num_workers": "auto",  # processes decoding images while the model works: auto (0 on CPU, a share of the cores on CUDA) or N
     "resume": False,                 # continue run_name from its newest checkpoint
     "resume_changes": False,         # resume even with settings that change training (the run's are in run_config.json)
     # LoRA: low-rank adapters on the attention projections of both towers; False trains every weight
@@ -91,7 +91,7 @@ CONFIG = {
 CHOICES = {**training.CHOICES, "bad_images": ("skip", "fail"), "prompts": tuple(clip.TEMPLATES),
            "loss": ("clip", "class"), "eval_strategy": ("no", "epoch", "steps")}
 POSITIVE = (*training.POSITIVE, "max_classes", "save_steps")
-NON_NEGATIVE = (*training.NON_NEGATIVE, "dataloader_num_workers", "num_sample_images")
+NON_NEGATIVE = (*training.NON_NEGATIVE, "num_sample_images")
 FRACTIONS = training.FRACTIONS
 INTEGERS = (*training.INTEGERS, "max_classes")
 
@@ -105,11 +105,15 @@ def main(argv: list[str] | None = None, callbacks=()):
                                 fractions=FRACTIONS, integers=INTEGERS)
     device = utils.best_device()
     check_config(config, device)
+    precision = devices.precision(config["mixed_precision"], device)         # what the hardware computes natively
+    workers = devices.loader_workers(config["dataloader_num_workers"], device)
     utils.set_seed(config["seed"])
     timing = {}
     start = time.perf_counter()
     distributed = PartialState(cpu=device == "cpu")
     main_process = distributed.is_main_process
+    if main_process:
+        print(f"device: {device}, precision {precision}, {workers} data-loader workers")
 
     # 2. data: file paths and labels only; images are opened batch by batch when read
     with utils.timed(timing, "load_data"):
@@ -137,10 +141,10 @@ def main(argv: list[str] | None = None, callbacks=()):
     #    validation image scored against them
     results = {}
     with utils.timed(timing, "zero_shot"):
-        classifier = clip.build_zero_shot_classifier(model, tokenizer, names, templates)
+        classifier = clip.build_zero_shot_classifier(model, tokenizer, names, templates, precision=precision)
         results["zero_shot"] = clip.evaluate_zero_shot(model, classifier, names, evaluation, collator,
-                                                       config["eval_batch_size"], config["dataloader_num_workers"],
-                                                       desc="zero-shot")
+                                                       config["eval_batch_size"], workers, desc="zero-shot",
+                                                       precision=precision)
     print(f"zero-shot: accuracy {results['zero_shot'].metrics['accuracy']:.4f}, "
           f"{results['zero_shot'].images_per_second} images/s")
 
@@ -152,7 +156,7 @@ def main(argv: list[str] | None = None, callbacks=()):
     print(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.3f}%)")
     args = training.training_arguments(
         config, run_dir / "checkpoints", run_dir.name, device, save_strategy="steps", save_steps=config["save_steps"],
-        dataloader_num_workers=config["dataloader_num_workers"],
+        dataloader_num_workers=workers,
         remove_unused_columns=False)  # the collator needs the `image` and `label` columns the Trainer would drop
     stop = training.StopOnSignal()
     trainer = clip.CLIPTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=evaluation,
@@ -169,10 +173,10 @@ def main(argv: list[str] | None = None, callbacks=()):
 
     # 6. the trained stage: the same evaluation, its head built anew from the trained text tower
     with utils.timed(timing, "evaluate"):
-        classifier = clip.build_zero_shot_classifier(model, tokenizer, names, templates)
+        classifier = clip.build_zero_shot_classifier(model, tokenizer, names, templates, precision=precision)
         results[tuned] = clip.evaluate_zero_shot(model, classifier, names, evaluation, collator,
-                                                 config["eval_batch_size"], config["dataloader_num_workers"],
-                                                 desc=f"zero-shot after {tuned}")
+                                                 config["eval_batch_size"], workers, desc=f"zero-shot after {tuned}",
+                                                 precision=precision)
     timing["total"] = round(time.perf_counter() - start, 3)
     if not main_process:
         return run_dir
@@ -225,7 +229,8 @@ def main(argv: list[str] | None = None, callbacks=()):
         training={"global_step": trainer.state.global_step, "epochs": trainer.state.epoch, "loss": config["loss"],
                   "train_loss": train_output.metrics.get("train_loss"),
                   "train_samples_per_second": train_output.metrics.get("train_samples_per_second"),
-                  "resumed_from": checkpoint, "device": device, "processes": distributed.num_processes},
+                  "resumed_from": checkpoint, "device": device, "processes": distributed.num_processes,
+                  "precision": precision, "dataloader_num_workers": workers},
         data_sizes={split: len(dataset) for split, dataset in splits.items()}, log_history=trainer.state.log_history)
     loggers.finish()
     confused = ", ".join(f"{pair['true']} -> {pair['predicted']} ({pair['count']})"

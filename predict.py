@@ -14,7 +14,6 @@ trained), class names and prompts. The score is the predicted class's probabilit
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import json
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+import devices
 import images
 import utils
 from utils import LabError
@@ -182,7 +182,8 @@ def predict_exercise_1(run_dir: Path, results: dict, texts: list[str], stage: st
     model = exercise_1.quantize_encoder(model, encoder.get("quantize"))  # the features the classifier was fitted on
     device = "cpu" if encoder.get("quantize") else utils.best_device()  # int8 Linear layers run on CPU only
     features = exercise_1.extract_features(model, tokenizer, texts, encoder["pooling"], encoder["max_length"],
-                                           batch_size, device, desc="features")
+                                           batch_size, device, desc="features",
+                                           precision=devices.replay_precision(encoder.get("mixed_precision", "no"), device))
     predicted, scores = exercise_1.predict_scored(classifier, features)
     return predicted, scores, None, encoder["label_names"]
 
@@ -210,7 +211,6 @@ def predict_exercise_2(run_dir: Path, results: dict, texts: list[str], stage: st
     import exercise_2
     import hub
     import LoRA
-    import training
 
     if lora:
         utils.set_seed(config["seed"])   # as the run did: any head weight the adapter lacks starts the same
@@ -226,12 +226,10 @@ def predict_exercise_2(run_dir: Path, results: dict, texts: list[str], stage: st
     device = utils.best_device()
     model.eval().to(device)
     max_length = hub.usable_max_length(config["max_length"], tokenizer, model.config)   # as the run capped it
-    # the precision the run evaluated in: the Trainer autocasts to bf16/fp16 on CUDA with mixed precision
-    precision = training.trainer_precision(config.get("mixed_precision", "no"), device) if device == "cuda" else "no"
-    autocast = (torch.autocast(device, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-                if precision != "no" else contextlib.nullcontext())
+    # the precision the run evaluated in: the Trainer autocasts to it with mixed precision
+    precision = devices.replay_precision(config.get("mixed_precision", "no"), device)
     predicted, scores = [], []
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), devices.autocast(device, precision):
         for start in range(0, len(texts), batch_size):
             batch = tokenizer(texts[start:start + batch_size], truncation=True, max_length=max_length, padding=True,
                               return_tensors="pt").to(device)
@@ -260,9 +258,11 @@ def predict_exercise_3(run_dir: Path, results: dict, paths: list[str], stage: st
         from transformers import CLIPModel
 
         model = CLIPModel.from_pretrained(run_dir / "model")
-    model.eval().to(utils.best_device())
+    device = utils.best_device()
+    model.eval().to(device)
     templates = results.get("prompts") or clip.TEMPLATES["single"]     # the run's own prompts
-    classifier = clip.build_zero_shot_classifier(model, tokenizer, names, templates)
+    precision = devices.replay_precision(config.get("mixed_precision", "no"), device)
+    classifier = clip.build_zero_shot_classifier(model, tokenizer, names, templates, precision=precision)
     predicted, scores, top = [], [], []
     with torch.inference_mode():
         for start in range(0, len(paths), batch_size):
@@ -273,7 +273,7 @@ def predict_exercise_3(run_dir: Path, results: dict, paths: list[str], stage: st
                 except Exception as error:  # PIL raises many kinds for a bad file
                     raise LabError(f"cannot read image {path}: {error}") from None
             pixels = image_processor(images=decoded, return_tensors="pt")["pixel_values"]
-            logits = clip.zero_shot_logits(model, pixels, classifier)
+            logits = clip.zero_shot_logits(model, pixels, classifier, precision)
             best = logits.topk(min(5, len(names)), dim=-1)
             top.append(best.indices.cpu().numpy())
             predicted.append(best.indices[:, 0].cpu().numpy())

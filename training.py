@@ -17,22 +17,13 @@ from transformers import Trainer
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
+import devices
 import loggers
 import utils
 from utils import LabError
 
 # transformers 5 warns from inside its own Trainer/PEFT code paths: nothing a user of these scripts can change
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-
-
-def trainer_precision(setting: str, device: str) -> str:
-    """The Trainer's precision for a `mixed_precision` setting: "no" (fp32), "bf16" or "fp16". Mixed
-    precision only on CUDA ("auto": bf16 where the GPU has it, else fp16); bf16 on a CPU is far slower."""
-    if setting in ("bf16", "fp16") and device != "cuda":
-        raise LabError(f"mixed_precision={setting} needs a CUDA GPU; use auto or no on {device}")
-    if setting == "auto":
-        return ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device == "cuda" else "no"
-    return setting
 
 
 def trainer_reporters(config: dict) -> list[str]:
@@ -166,7 +157,7 @@ class StopOnSignal:
 # ---------------------------------------------------------------------------------------------
 
 CHOICES = {"lr_scheduler_type": ("linear", "cosine", "constant", "constant_with_warmup"),
-           "mixed_precision": ("auto", "no", "bf16", "fp16"), "wandb_mode": loggers.WANDB_MODES}
+           "mixed_precision": devices.PRECISIONS, "wandb_mode": loggers.WANDB_MODES}
 POSITIVE = ("max_train_samples", "max_eval_samples", "learning_rate", "num_train_epochs", "max_steps", "batch_size",
             "eval_batch_size", "gradient_accumulation_steps", "eval_steps", "logging_steps", "save_total_limit",
             "lora.r", "lora.alpha", "lora.learning_rate")
@@ -177,7 +168,9 @@ INTEGERS = ("max_train_samples", "max_eval_samples", "max_steps")  # whole numbe
 
 def check_config(config: dict, device: str) -> None:
     """The checks of the shared Trainer keys that parse_config's ranges cannot express."""
-    trainer_precision(config["mixed_precision"], device)
+    devices.warn_slow_precision(devices.precision(config["mixed_precision"], device), device)
+    if "dataloader_num_workers" in config:
+        devices.loader_workers(config["dataloader_num_workers"], device)
     utils.check_run_name(config["run_name"])
     utils.check_output_dir(config["output_dir"])  # before any data or model is loaded
     if config["resume"] and not config["run_name"]:
@@ -232,7 +225,7 @@ def training_arguments(config: dict, output_dir: Path, run_name: str, device: st
     """TrainingArguments from the config keys exercises 2 and 3 share; `specific` adds each one's own."""
     from transformers import TrainingArguments
 
-    precision = trainer_precision(config["mixed_precision"], device)
+    precision = devices.precision(config["mixed_precision"], device)
     steps = config["eval_strategy"] == "steps"
     return TrainingArguments(
         output_dir=str(output_dir), run_name=run_name, report_to=trainer_reporters(config) or "none",
@@ -244,7 +237,7 @@ def training_arguments(config: dict, output_dir: Path, run_name: str, device: st
         max_grad_norm=config["max_grad_norm"], bf16=precision == "bf16", fp16=precision == "fp16",
         eval_strategy=config["eval_strategy"], eval_steps=config["eval_steps"] if steps else None,
         save_total_limit=config["save_total_limit"], logging_strategy="steps", logging_steps=config["logging_steps"],
-        label_names=["labels"], dataloader_pin_memory=device == "cuda",
+        label_names=["labels"], dataloader_pin_memory=devices.pin_memory(device),
         use_cpu=device == "cpu",  # also what makes torchrun on CPU use DDP (gloo) instead of N separate runs
         **specific)
 

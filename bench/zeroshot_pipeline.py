@@ -36,6 +36,7 @@ from bench.zeroshot import add_architecture_argument, load_bench_clip, validatio
 common.offline_env()
 import LoRA  # noqa: E402
 import clip  # noqa: E402
+import devices  # noqa: E402
 import exercise_3  # noqa: E402
 import torch  # noqa: E402
 
@@ -120,12 +121,12 @@ def main() -> None:
                                    image_processor=image_processor, device="cpu")
     exercise = functools.partial(exercise_3_zero_shot, model, tokenizer, class_names, evaluation, collator, args.batch_size)
     warm_up(lambda: forward_only(model, pixel_batches))
-    warm_up(lambda: exercise(exercise_3.CONFIG["dataloader_num_workers"]))
+    warm_up(lambda: exercise(devices.loader_workers(exercise_3.CONFIG["dataloader_num_workers"], "cpu")))
     warm_up(lambda: pipeline_outputs(classifier_pipeline, paths[:1], class_names, args.pipeline_batch_size), passes=1)
 
     # 1. against the pipeline: one round, exercise 3 with its default workers
     versus_pipeline, ours, outputs = common.paired_rounds(
-        lambda: exercise(exercise_3.CONFIG["dataloader_num_workers"]),
+        lambda: exercise(devices.loader_workers(exercise_3.CONFIG["dataloader_num_workers"], "cpu")),
         lambda: pipeline_outputs(classifier_pipeline, paths, class_names, args.pipeline_batch_size), 1)
     pipeline_speedup = versus_pipeline[0]["theirs_s"] / versus_pipeline[0]["ours_s"]
 

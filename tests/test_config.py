@@ -1,10 +1,11 @@
 """Config overrides: typing by the default's type, nested keys, clear errors, --help, exit codes."""
+import os
 import subprocess
 import sys
 
 import pytest
 
-import training
+import devices
 import utils
 from conftest import ROOT
 
@@ -75,16 +76,56 @@ def test_script_help_lists_config():
     assert result.returncode == 0 and "pooling='cls'" in result.stdout
 
 
-@pytest.mark.parametrize("bf16_supported, expected", [(True, "bf16"), (False, "fp16")])
-def test_mixed_precision_auto_follows_the_gpu_and_stays_off_the_cpu(monkeypatch, bf16_supported, expected):
+class FakeGPU:
+    """What torch.cuda.get_device_properties reports, reduced to the compute capability."""
+
+    def __init__(self, major: int, minor: int):
+        self.major, self.minor, self.name = major, minor, f"a GPU of compute capability {major}.{minor}"
+
+
+@pytest.mark.parametrize("capability, expected", [((7, 5), "fp16"), ((7, 0), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")])
+def test_mixed_precision_auto_follows_what_the_gpu_computes_natively(monkeypatch, capability, expected):
+    """Only the device is faked (there, with this compute capability): torch's own bf16 check runs. Pre-Ampere
+    GPUs (T4 is 7.5, V100 7.0) emulate bf16, which torch's default check counts as support."""
     import torch
 
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16_supported)
-    assert training.trainer_precision("auto", "cuda") == expected  # GPUs without bf16 (T4, V100) get fp16
-    assert training.trainer_precision("auto", "cpu") == training.trainer_precision("no", "cpu") == "no"
-    for setting in ("bf16", "fp16"):
-        with pytest.raises(utils.LabError, match="needs a CUDA GPU"):
-            training.trainer_precision(setting, "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: FakeGPU(*capability))
+    assert devices.precision("auto", "cuda") == expected
+    for setting in ("no", "bf16", "fp16"):
+        assert devices.precision(setting, "cuda") == setting
+
+
+def test_precision_on_the_cpu_and_for_a_later_command(capsys):
+    assert devices.precision("auto", "cpu") == devices.precision("no", "cpu") == "no"
+    assert devices.precision("bf16", "cpu") == "bf16"              # allowed: slow, to check dtype paths
+    devices.warn_slow_precision("bf16", "cpu")
+    assert "far slower than fp32" in capsys.readouterr().err
+    with pytest.raises(utils.LabError, match="mixed_precision=fp16 needs a CUDA GPU"):
+        devices.precision("fp16", "cpu")
+    assert devices.replay_precision("fp16", "cpu") == "no" and "predicting in fp32" in capsys.readouterr().err
+    assert devices.replay_precision("bf16", "cpu") == "bf16" and devices.replay_precision("auto", "cpu") == "no"
+    import torch
+
+    with devices.autocast("cpu", "bf16"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    with devices.autocast("cpu", "no"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+
+
+def test_loader_workers_and_pinned_memory(monkeypatch):
+    assert devices.loader_workers("auto", "cpu") == 0 and devices.loader_workers("3", "cpu") == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert devices.loader_workers("auto", "cuda") == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")                     # four processes share the 16 cores
+    assert devices.loader_workers("auto", "cuda") == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert devices.loader_workers("auto", "cuda") == 1
+    for bad in ("-1", "many", "1.5"):
+        with pytest.raises(utils.LabError, match="dataloader_num_workers must be auto or a whole number"):
+            devices.loader_workers(bad, "cuda")
+    assert devices.pin_memory("cuda") and not devices.pin_memory("cpu")
 
 
 @pytest.mark.parametrize("script", ["exercise_1.py", "exercise_2.py", "exercise_3.py"])
@@ -168,7 +209,7 @@ def test_every_number_in_every_config_has_a_range(script):
     ("exercise_2", "max_steps=0.5", "bad value 0.5 for 'max_steps': expected a whole number"),
     ("exercise_2", "num_train_epochs=-1", "'num_train_epochs' must be > 0"),
     ("exercise_3", "num_sample_images=-1", "'num_sample_images' must be >= 0"),
-    ("exercise_3", "dataloader_num_workers=-2", "'dataloader_num_workers' must be >= 0"),
+    ("exercise_3", "dataloader_num_workers=-2", "dataloader_num_workers must be auto or a whole number >= 0"),
     ("exercise_3", "max_classes=nan", "bad value 'nan' for 'max_classes'"),
     ("exercise_3", "lora.dropout=-0.5", "'lora.dropout' must be in [0, 1)"),
     ("exercise_3", "lora.learning_rate=nan", "bad value 'nan' for 'lora.learning_rate'"),
