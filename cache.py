@@ -18,9 +18,19 @@ from utils import write_atomic
 
 
 def model_fingerprint(model_name: str) -> str:
-    """Identity of a model for cache keys: the name, plus config and weight file sizes/times if local."""
+    """Identity of a model for cache keys: the name, plus config and weight file sizes/times of its folder: a
+    local folder, or for a Hub id the cached snapshot it loaded from (named for its commit), so features made
+    by one revision of a Hub model are never reused for another."""
     path = Path(model_name).expanduser()
     parts = [model_name]
+    if not path.exists():
+        from huggingface_hub import snapshot_download
+
+        try:
+            path = Path(snapshot_download(model_name, local_files_only=True))
+            parts.append(path.name)
+        except Exception:       # not in the cache (e.g. loaded from elsewhere): the name alone
+            pass
     if path.is_dir():
         for file in sorted(path.iterdir()):
             if file.suffix in (".json", ".safetensors", ".bin"):

@@ -176,3 +176,16 @@ def test_without_the_cache_the_default_command_stops_in_one_line(hf_home, tmp_pa
         assert sum(line.startswith("error:") for line in lines) == 1 and "Traceback" not in finished.stderr
     assert not (tmp_path / "runs").exists()
 
+
+def test_exercise_1s_feature_cache_tells_two_revisions_of_a_hub_model_apart(hf_home, tmp_path):
+    """A Hub id names no revision: the cache key must follow the snapshot the model loaded from, or features of
+    one revision would be reused for another (a new commit on main, or another HF_HOME)."""
+    home = hub_cache.only_repos(tmp_path / "hf-home", hf_home, ["models--distilbert-base-uncased"])
+    env = offline_env(home, tmp_path)
+    fingerprint = lambda: run(["-c", f"import cache; print(cache.model_fingerprint({DISTILBERT!r}))"], env).stdout
+    before = fingerprint()
+    snapshot = next((home / "hub" / "models--distilbert-base-uncased" / "snapshots").iterdir())
+    files = {path.name: path.read_bytes() for path in snapshot.iterdir()}
+    config = json.loads(files["config.json"])
+    hub_cache.add_repo(home, DISTILBERT, "model", {**files, "config.json": json.dumps({**config, "dropout": 0.2}).encode()})
+    assert before.strip() and fingerprint() != before
