@@ -23,6 +23,7 @@ import evaluate
 import hub
 import images
 import losses
+import pixels
 import training
 from utils import LabError
 
@@ -73,6 +74,7 @@ class ImageTransform:
 
     def __init__(self, image_processor, on_bad_image: str = "skip", augment_seed: int | None = None):
         self.image_processor = image_processor
+        self.batched = pixels.preprocessing(image_processor)   # None: a setting pixels.py does not reproduce
         self.on_bad_image = on_bad_image
         self.augment_seed = augment_seed
         self.epoch = 0          # set by AugmentationEpoch as each training epoch begins
@@ -97,7 +99,8 @@ class ImageTransform:
                 image = random_augment(image, random.Random(f"{self.augment_seed}:{self.epoch}:{ids[-1]}"))
             pictures.append(image)
         readable = [image for image in pictures if image is not None]
-        processed = iter(self.image_processor(images=readable, return_tensors="pt")["pixel_values"] if readable else [])
+        processed = iter((pixels.pixel_values(readable, self.batched) if self.batched else
+                          self.image_processor(images=readable, return_tensors="pt")["pixel_values"]) if readable else [])
         return {"pixel_values": [next(processed) if image is not None else None for image in pictures],
                 "label": batch["label"], "image_id": ids}
 

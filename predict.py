@@ -263,6 +263,7 @@ def predict_exercise_3(run_dir: Path, results: dict, paths: list[str], stage: st
     templates = results.get("prompts") or clip.TEMPLATES["single"]     # the run's own prompts
     precision = devices.replay_precision(config.get("mixed_precision", "no"), device)
     classifier = clip.build_zero_shot_classifier(model, tokenizer, names, templates, precision=precision)
+    transform = clip.ImageTransform(image_processor, on_bad_image="fail")
     predicted, scores, top = [], [], []
     with torch.inference_mode():
         for start in range(0, len(paths), batch_size):
@@ -272,7 +273,8 @@ def predict_exercise_3(run_dir: Path, results: dict, paths: list[str], stage: st
                     decoded.append(images.open_rgb(path))
                 except Exception as error:  # PIL raises many kinds for a bad file
                     raise LabError(f"cannot read image {path}: {error}") from None
-            pixels = image_processor(images=decoded, return_tensors="pt")["pixel_values"]
+            # the run's own transform, so its pixels are the run's (pixels.py where it applies, else the processor)
+            pixels = torch.stack(transform({"image": decoded, "label": [0] * len(decoded)})["pixel_values"])
             logits = clip.zero_shot_logits(model, pixels, classifier, precision)
             best = logits.topk(min(5, len(names)), dim=-1)
             top.append(best.indices.cpu().numpy())

@@ -126,6 +126,13 @@ def test_zeroshot_pipeline_smoke(tiny_imagenet_dir, clip_tokenizer_dir):
     assert result["ratios"] == ["pipeline_speedup", "pipeline_speedup_whole_split", "end_to_end_over_forward"] and result["targets"] == {} and result["met"] is None
 
 
+def test_transform_smoke(tiny_imagenet_dir):
+    result = run_bench("transform.py", "--dataset", str(tiny_imagenet_dir))
+    assert result["within_tolerance"] is True and result["max_abs_difference"] <= result["tolerance"]["max_abs"]
+    assert result["stock_images_per_s"] > 0 and result["batched_images_per_s"] > 0 and result["forward_images_per_s"] > 0
+    assert set(result["pipeline_images_per_s_by_workers"]) == {"0", "1", "2"} and result["targets"] == {"speedup": 2.0}
+
+
 def test_table_keeps_the_newest_line_of_each_bench_and_model(tmp_path):
     """bench.table: one row per ratio of the newest line of each (bench, model); ceilings and floors."""
     from bench import table
