@@ -43,6 +43,8 @@ CONFIG = {
     # classifiers
     "standardize": True,             # z-score features before each classifier
     "svc_kernel": "rbf",             # SVC kernel
+    "svc_solver": "auto",            # "exact" (libsvm), "approximate" (Nystroem kernel map + linear SVM), auto: exact up to 10,000 texts
+    "svc_components": 1000,          # with svc_solver=approximate: Nystroem components approximating the kernel
     "svc_C": 1.0,                    # SVC regularisation (larger = less)
     "logreg_C": 1.0,                 # logistic regression regularisation (larger = less)
     "logreg_max_iter": 2000,         # logistic regression solver iterations
@@ -59,9 +61,10 @@ CONFIG = {
     "trust_remote_code": False,      # run code shipped with a Hub model; only for models you trust
 }
 CHOICES = {"pooling": ("cls", "mean"), "svc_kernel": ("linear", "poly", "rbf", "sigmoid"),
+           "svc_solver": ("auto", "exact", "approximate"),
            "wandb_mode": loggers.WANDB_MODES, "quantize": (None, "int8"), "mixed_precision": devices.PRECISIONS}
 POSITIVE = ("max_train_samples", "max_eval_samples", "max_length", "eval_batch_size", "svc_C", "logreg_C",
-            "logreg_max_iter", "C_grid")
+            "logreg_max_iter", "C_grid", "svc_components")
 INTEGERS = ("max_train_samples", "max_eval_samples")  # whole numbers (their default is None)
 
 
@@ -293,32 +296,81 @@ def extract_features(model, tokenizer, texts: list[str], pooling: str = "cls", m
 # Classic classifiers on the frozen features
 # ---------------------------------------------------------------------------------------------
 
-def make_classifier(kind: str, C: float, config: dict):
+# libsvm's exact SVC fits in time growing faster than n^2 (one thread): seconds at the course's 8,530 texts, most
+# of an hour at 60,000. Above this many training texts svc_solver=auto approximates the kernel instead.
+SVC_EXACT_MAX_ROWS = 10_000
+
+
+def svc_solver(config: dict, rows: int) -> str:
+    """"exact" or "approximate" for `rows` training texts: svc_solver as set, or what auto picks (with a note)."""
+    if config["svc_solver"] != "auto":
+        return config["svc_solver"]
+    if rows <= SVC_EXACT_MAX_ROWS:
+        return "exact"
+    print(f"note: {rows:,} training texts is more than {SVC_EXACT_MAX_ROWS:,}, so svc_solver=auto fits the SVC "
+          f"approximately (its {config['svc_kernel']} kernel mapped by Nystroem with {config['svc_components']} "
+          f"components, then a linear SVM), in time linear in the texts; svc_solver=exact keeps libsvm's exact fit")
+    return "approximate"
+
+
+def make_classifier(kind: str, C: float, config: dict, solver: str = "exact", gamma: float | None = None):
+    """The classifier of `kind` ("svc" or "logreg"), standardizing first when configured. An approximate SVC
+    keeps the exact one's kernel and its gamma ("scale": 1 / (features x variance), given as `gamma`)."""
+    from sklearn.kernel_approximation import Nystroem
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
-    from sklearn.svm import SVC
+    from sklearn.svm import SVC, LinearSVC
 
-    if kind == "svc":
-        classifier = SVC(kernel=config["svc_kernel"], C=C, random_state=config["seed"])
+    steps = [StandardScaler()] if config["standardize"] else []
+    if kind == "svc" and solver == "approximate":
+        if config["svc_kernel"] != "linear":
+            steps.append(Nystroem(kernel=config["svc_kernel"], gamma=gamma, n_components=config["svc_components"],
+                                  random_state=config["seed"]))
+        steps.append(LinearSVC(C=C, random_state=config["seed"]))
+    elif kind == "svc":
+        steps.append(SVC(kernel=config["svc_kernel"], C=C, random_state=config["seed"]))
     else:
-        classifier = LogisticRegression(C=C, max_iter=config["logreg_max_iter"], random_state=config["seed"])
-    return make_pipeline(StandardScaler(), classifier) if config["standardize"] else classifier
+        steps.append(LogisticRegression(C=C, max_iter=config["logreg_max_iter"], random_state=config["seed"]))
+    return make_pipeline(*steps) if len(steps) > 1 else steps[0]
 
 
 def fit_classifier(kind: str, config: dict, features: dict, labels: dict):
     """Fit one classifier on train; with tune_C, its C is the grid value best on validation."""
     grid = config["C_grid"] if config["tune_C"] else [config[f"{kind}_C"]]
-    scores = {}
-    best = None
+    train = features["train"]
+    solver = svc_solver(config, len(train)) if kind == "svc" else "exact"
+    gamma = None
+    if solver == "approximate":
+        variance = (train - train.mean(0)) / train.std(0).clip(min=1e-12) if config["standardize"] else train
+        gamma = 1.0 / (train.shape[1] * float(variance.var()))
+    scores, best = {}, None
     for C in grid:
-        classifier = make_classifier(kind, C, config).fit(features["train"], labels["train"])
+        make = lambda: make_classifier(kind, C, config, solver, gamma)
+        exact_svc = kind == "svc" and solver == "exact" and len(train) > 5000   # the one fit that can run for long
+        estimate = fit_seconds_estimate(make, train, labels["train"], config["seed"]) if exact_svc else None
+        with utils.heartbeat(f"{kind}: fitting on {len(train):,} texts ({solver}, C={C})", len(train) > 5000, estimate):
+            classifier = make().fit(train, labels["train"])
         scores[C] = float((classifier.predict(features["validation"]) == labels["validation"]).mean())
         if best is None or scores[C] > scores[best[0]]:
             best = (C, classifier)
     if len(grid) > 1:
         print(f"{kind}: validation accuracy by C {scores} -> C={best[0]}")
-    return best[1], {"C": best[0], "validation_accuracy_by_C": {str(C): s for C, s in scores.items()}}
+    return best[1], {"C": best[0], "solver": solver, "validation_accuracy_by_C": {str(C): s for C, s in scores.items()}}
+
+
+def fit_seconds_estimate(make, features: np.ndarray, labels: np.ndarray, seed: int) -> float | None:
+    """Seconds libsvm's exact fit on all rows should take, from a timed fit on a seeded tenth of them (at most
+    2,000), its time growing about as n^2."""
+    import time
+
+    rows = np.random.default_rng(seed).choice(len(features), min(2000, len(features) // 10), replace=False)
+    start = time.perf_counter()
+    try:
+        make().fit(features[rows], labels[rows])
+    except ValueError:          # the subsample missed a rare class: no estimate
+        return None
+    return (time.perf_counter() - start) * (len(features) / len(rows)) ** 2
 
 
 def predict_scored(classifier, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -341,7 +393,8 @@ def predict_scored(classifier, features: np.ndarray) -> tuple[np.ndarray, np.nda
 CLASSIFIER_DIR = "classifiers"      # <run>/classifiers/<stage>.skops and encoder.json
 # every type a saved classifier may contain; loading refuses a file holding any other
 TRUSTED_TYPES = ["sklearn.pipeline.Pipeline", "sklearn.preprocessing._data.StandardScaler",
-                 "sklearn.svm._classes.SVC", "sklearn.linear_model._logistic.LogisticRegression"]
+                 "sklearn.svm._classes.SVC", "sklearn.linear_model._logistic.LogisticRegression",
+                 "sklearn.kernel_approximation.Nystroem", "sklearn.svm._classes.LinearSVC"]
 
 
 def save_classifiers(run_dir, classifiers: dict, config: dict, label_names: list[str]) -> None:

@@ -259,6 +259,33 @@ def timed(timing: dict, phase: str):
         timing[phase] = round(timing.get(phase, 0.0) + time.perf_counter() - start, 3)
 
 
+@contextmanager
+def heartbeat(what: str, loud: bool = True, estimate: float | None = None, every: float = 10.0):
+    """For work that shows no progress of its own (a solver's fit): a line when it starts, with `estimate` (its
+    expected seconds) when known, one every `every` seconds with the time elapsed, and one when it ends."""
+    import threading
+
+    if not loud:
+        yield
+        return
+    expected = f" of about {estimate:.0f} s" if estimate else ""
+    print(f"{what}: started{f' (about {estimate:.0f} s)' if estimate else ''}", file=sys.stderr, flush=True)
+    start, done = time.perf_counter(), threading.Event()
+
+    def beat():
+        while not done.wait(every):
+            print(f"{what}: {time.perf_counter() - start:.0f} s{expected} elapsed", file=sys.stderr, flush=True)
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        print(f"{what}: done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+
+
 def environment_info() -> dict:
     import importlib.metadata as metadata
 

@@ -107,6 +107,50 @@ def test_int8_is_refused_off_cpu(tmp_path, monkeypatch):
     assert not (tmp_path / "runs").exists()
 
 
+def test_past_the_exact_svcs_size_auto_approximates_its_kernel_and_says_so(tmp_path, tiny_distilbert, rt_dir, capsys,
+                                                                           monkeypatch):
+    import numpy as np
+
+    import predict
+
+    config = utils.parse_config(exercise_1.CONFIG, [])
+    assert exercise_1.svc_solver(config, 8530) == "exact"            # the course's size keeps today's SVC
+    assert "note:" not in capsys.readouterr().out
+    monkeypatch.setattr(exercise_1, "SVC_EXACT_MAX_ROWS", 100)       # 200 training texts stand for 60,000
+    args = (f"model_name={tiny_distilbert}", f"dataset={rt_dir}", "max_train_samples=200", "max_eval_samples=60",
+            "svc_components=50", "pooling=mean")
+    run_dir, results = run(tmp_path, *args, "run_name=auto")
+    assert "svc_solver=auto fits the SVC approximately" in capsys.readouterr().out
+    assert results["classifiers"]["svc"]["solver"] == "approximate"
+    assert results["classifiers"]["logreg"]["solver"] == "exact"
+    svc, _ = exercise_1.load_classifier(run_dir, "svc")                # a Nystroem map and a linear SVM, from skops
+    assert [type(step).__name__ for step in svc] == ["StandardScaler", "Nystroem", "LinearSVC"]
+    assert svc[1].n_components == 50 and svc[1].gamma == pytest.approx(1 / 32, rel=1e-3)   # SVC's gamma="scale"
+    rows = evaluate.read_predictions(run_dir / "predictions" / "svc_test.csv")[:5]
+    ours = predict.main([str(run_dir), *(row["input"] for row in rows), "--stage", "svc"])
+    assert [row["predicted"] for row in ours] == [row["predicted"] for row in rows]
+    assert [row["score"] for row in ours] == pytest.approx([row["score"] for row in rows], abs=1e-5)
+    exact = run(tmp_path, *args, "run_name=exact", "svc_solver=exact", "cache_features=true")[1]
+    assert exact["classifiers"]["svc"]["solver"] == "exact"
+    # the approximation tracks the exact fit: on these features both are near-chance-free, and close
+    approximate, reference = (np.array([r["metrics"]["svc"][split]["accuracy"] for split in ("validation", "test")])
+                              for r in (results, exact))
+    assert np.abs(approximate - reference).max() <= 0.1
+
+
+def test_long_work_shows_its_start_elapsed_time_and_end(capsys):
+    import time
+
+    with utils.heartbeat("fit", estimate=12.0, every=0.05):
+        time.sleep(0.18)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "fit: started (about 12 s)" and lines[-1].startswith("fit: done in 0.")
+    assert len(lines) >= 4 and all(line.endswith("of about 12 s elapsed") for line in lines[1:-1])
+    with utils.heartbeat("quiet", loud=False):
+        pass
+    assert capsys.readouterr().err == ""
+
+
 def test_max_length_beyond_the_model_is_capped(tmp_path, tiny_distilbert, capsys):
     """The fixture has 256 positions and a tokenizer without a limit: 100000 used to index past them."""
     folder = write_csv_dataset(tmp_path / "topics", num_classes=2, per_class=20)
