@@ -83,15 +83,18 @@ class FakeGPU:
         self.major, self.minor, self.name = major, minor, f"a GPU of compute capability {major}.{minor}"
 
 
+@pytest.mark.parametrize("emulates", [False, True])
 @pytest.mark.parametrize("capability, expected", [((7, 5), "fp16"), ((7, 0), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")])
-def test_mixed_precision_auto_follows_what_the_gpu_computes_natively(monkeypatch, capability, expected):
+def test_mixed_precision_auto_follows_what_the_gpu_computes_natively(monkeypatch, capability, expected, emulates):
     """Only the device is faked (there, with this compute capability): torch's own bf16 check runs. Pre-Ampere
-    GPUs (T4 is 7.5, V100 7.0) emulate bf16, which torch's default check counts as support."""
+    GPUs (T4 is 7.5, V100 7.0) emulate bf16: on a real one torch's last resort, making a bf16 tensor on the device,
+    succeeds (`emulates`), and its default check then counts that as support."""
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: FakeGPU(*capability))
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: emulates)
     assert devices.precision("auto", "cuda") == expected
     for setting in ("no", "bf16", "fp16"):
         assert devices.precision(setting, "cuda") == setting
