@@ -71,9 +71,11 @@ def apply_lora(model, lora_cfg: dict, task_type: str | None = "SEQ_CLS"):
 
 
 def save_adapter(model, path: Path) -> Path:
-    """Save only the adapter weights and config (safetensors)."""
-    model.save_pretrained(str(path), safe_serialization=True)
-    return Path(path)
+    """Save only the adapter weights and config (safetensors); the folder appears whole or not at all
+    (faults.replace_whole), so a full disk never leaves an adapter that loads as if complete."""
+    import faults
+
+    return faults.replace_whole(path, lambda folder: model.save_pretrained(str(folder), safe_serialization=True))
 
 
 def load_adapter(base_model, path: Path, trainable: bool = False):

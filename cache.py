@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+import faults
 from utils import write_atomic
 
 
@@ -48,6 +50,25 @@ def texts_fingerprint(texts: list[str]) -> str:
 
 # A temporary file older than this was left by a run killed while writing (writes take seconds).
 STALE_SECONDS = 3600
+# Cache folders this process failed to write to (disk full, permission lost): warned about once, then only read.
+_UNWRITABLE: set[Path] = set()
+
+
+def entry_path(cache_dir: Path, key: dict, name: str = "features") -> Path:
+    """Where the entry for `key` lives: a hash of the key, so any change to it makes another file."""
+    key_text = json.dumps(key, sort_keys=True)
+    return Path(cache_dir) / f"{name}-{hashlib.sha256(key_text.encode()).hexdigest()[:24]}.safetensors"
+
+
+def kept_entries(cache_dir: Path, keys: list[dict], name: str = "features") -> str:
+    """For the line a stopped run ends in: the entries of `keys` (each with its `split`) that the cache holds,
+    which a rerun reuses instead of computing them again."""
+    held = [str(key.get("split")) for key in keys if entry_path(cache_dir, key, name).is_file()]
+    if not held:
+        return f"no {name} were cached yet"
+    one = len(held) == 1
+    return (f"the {len(held)} cache {'entry' if one else 'entries'} of {name} written so far ({', '.join(held)}) "
+            f"{'is' if one else 'are'} kept in {cache_dir}, and a rerun reuses {'it' if one else 'them'}")
 
 
 def cached_array(cache_dir: Path, key: dict, compute, name: str = "features", rows: int | None = None,
@@ -58,17 +79,30 @@ def cached_array(cache_dir: Path, key: dict, compute, name: str = "features", ro
     from safetensors.numpy import save
 
     key_text = json.dumps(key, sort_keys=True)
-    path = Path(cache_dir) / f"{name}-{hashlib.sha256(key_text.encode()).hexdigest()[:24]}.safetensors"
+    path = entry_path(cache_dir, key, name)
     if path.exists():
         array, problem = _read_entry(path, key_text, name, rows, dtype)
         if problem is None:
             return array, True
+        if path.is_dir():   # a folder in the entry's place: the atomic rename onto it would fail too
+            shutil.rmtree(path, ignore_errors=True)
         path.unlink(missing_ok=True)
         print(f"warning: cache file {path} is unusable ({problem}); removed it, computing {name} again",
               file=sys.stderr)
     array = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, save({name: np.ascontiguousarray(array)}, metadata={"key": key_text}))
+    if path.parent in _UNWRITABLE:
+        return array, False
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, save({name: np.ascontiguousarray(array)}, metadata={"key": key_text}))
+    except OSError as error:
+        # The cache only saves time, and the array is computed and in memory: a full or lost cache disk warns once
+        # and the run goes on without it. The largest entry (the train split's) dwarfs every other file a run
+        # writes, so a disk too full for it may well still hold the results.
+        _UNWRITABLE.add(path.parent)
+        print(f"warning: {faults.write_fault(faults.as_write_error(error, path), f'going on without caching {name}')}"
+              f" (this run keeps them in memory; a later run computes them again)", file=sys.stderr)
+        return array, False
     for stale in path.parent.glob(".*.tmp"):
         try:
             if time.time() - stale.stat().st_mtime > STALE_SECONDS:

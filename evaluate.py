@@ -13,11 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-from utils import environment_info, write_atomic
+import faults
+from utils import LabError, environment_info, write_atomic
 
 RESULTS_FILE = "results.json"
 CONFUSION_FILE = "confusion_matrices.json"   # beside results.json: 200 classes make 40,000 cells a matrix
 PREDICTIONS_DIR = "predictions"   # <run>/predictions/<stage>_<split>.csv
+REWRITE = "rerun the exercise that made the run to write it again"     # for a damaged file a reader finds
 
 
 def classification_metrics(labels, predictions, num_labels: int | None = None) -> dict:
@@ -112,8 +114,10 @@ def write_results(run_dir: Path, exercise: str, config: dict, metrics: dict, tim
 
 
 def read_confusion_matrices(run_dir: Path) -> dict:
-    """What write_results wrote to CONFUSION_FILE: stage -> (split ->) rows of counts."""
-    return json.loads((Path(run_dir) / CONFUSION_FILE).read_text())
+    """What write_results wrote to CONFUSION_FILE: stage -> (split ->) rows of counts; LabError when damaged."""
+    import artifacts
+
+    return artifacts.read_json(Path(run_dir) / CONFUSION_FILE, REWRITE)
 
 
 def _write_json(path: Path, contents) -> Path:
@@ -133,7 +137,7 @@ def write_predictions(run_dir: Path, stage: str, split: str, rows, inputs, label
     the class names joined by `|`."""
     path = Path(run_dir) / PREDICTIONS_DIR / f"{stage}_{split}.csv"
     inputs = list(inputs)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    faults.make_folder(path.parent)
     text = io.StringIO(newline="")
     writer = csv.writer(text)
     writer.writerow(["id", "input", "label", "predicted", "score", *(["top5"] if top_k is not None else [])])
@@ -148,9 +152,27 @@ def write_predictions(run_dir: Path, stage: str, split: str, rows, inputs, label
 
 
 def read_predictions(path: Path) -> list[dict]:
-    """The rows of a predictions file, `id` as int and `score` as float."""
-    with open(path, newline="", encoding="utf-8") as handle:
-        return [{**row, "id": int(row["id"]), "score": float(row["score"])} for row in csv.DictReader(handle)]
+    """The rows of a predictions file, `id` as int and `score` as float; LabError naming the file (and the line)
+    when it is not one: empty, cut short, not UTF-8, without the columns write_predictions writes."""
+    import artifacts
+
+    artifacts.check_file(path, REWRITE)
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            missing = [name for name in ("id", "input", "label", "predicted", "score") if name not in reader.fieldnames]
+            if missing:
+                raise LabError(f"{path} has no column {missing[0]!r} (columns: {reader.fieldnames}); {REWRITE}")
+            rows = []
+            for row in reader:
+                try:
+                    rows.append({**row, "id": int(row["id"]), "score": float(row["score"])})
+                except (TypeError, ValueError):     # a cut-short line leaves its last cells None or part of a number
+                    raise LabError(f"{path} line {reader.line_num} is not a prediction (id {row['id']!r}, score "
+                                   f"{row['score']!r}): cut short or overwritten; {REWRITE}") from None
+            return rows
+    except UnicodeDecodeError as error:
+        raise LabError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start}); {REWRITE}") from None
 
 
 def _json_default(value):

@@ -19,6 +19,7 @@ import cache
 import data
 import devices
 import evaluate
+import faults
 import hub
 import plots
 import loggers
@@ -103,6 +104,9 @@ def main(argv: list[str] | None = None):
     features, labels, throughput = {}, {}, {}
     model_key = cache.model_fingerprint(config["model_name"])
     max_length = hub.usable_max_length(config["max_length"], tokenizer, model.config)
+    cache_dir, keys = run_dir.parent / "cache", []
+    # what a run stopped from here on leaves: no results, and the features cached so far (a rerun reuses them)
+    kept = lambda: f"no results written; {cache.kept_entries(cache_dir, keys)}"
     with utils.timed(timing, "features"):
         for split, dataset in splits.items():
             texts = dataset["text"]
@@ -115,11 +119,12 @@ def main(argv: list[str] | None = None):
             compute = lambda: extract_features(model, tokenizer, texts, config["pooling"], max_length,
                                                config["eval_batch_size"], device, desc=f"features {split}",
                                                precision=precision)
-            if config["cache_features"]:
-                features[split], hit = cache.cached_array(run_dir.parent / "cache", key, compute,
-                                                          rows=len(texts), dtype=np.float32)
-            else:
-                features[split], hit = compute(), False
+            with faults.stage(f"features {split}", kept):
+                if config["cache_features"]:
+                    keys.append(key)
+                    features[split], hit = cache.cached_array(cache_dir, key, compute, rows=len(texts), dtype=np.float32)
+                else:
+                    features[split], hit = compute(), False
             if hit:
                 print(f"features {split}: reused cached features {features[split].shape}")
             else:
@@ -131,34 +136,35 @@ def main(argv: list[str] | None = None):
     # 5-6. the classifiers, each a stage evaluated on validation and test
     #      (each split's per-sample predictions in <run>/predictions, each fitted classifier in <run>/classifiers)
     metrics, reports, matrices, chosen, classifiers = {}, {}, {}, {}, {}
-    for stage in ("svc", "logreg"):
-        with utils.timed(timing, stage):
-            classifier, chosen[stage] = fit_classifier(stage, config, features, labels)
-            classifiers[stage] = classifier
-            metrics[stage], matrices[stage] = {}, {}
-            for split in ("validation", "test"):
-                predicted, scores = predict_scored(classifier, features[split])
-                metrics[stage][split] = evaluate.classification_metrics(labels[split], predicted)
-                matrices[stage][split] = evaluate.confusion(labels[split], predicted, len(label_names)).tolist()
-                evaluate.write_predictions(run_dir, stage, split, range(len(predicted)), splits[split]["text"],
-                                           labels[split], predicted, scores, label_names)
-            reports[stage] = evaluate.classification_report_text(labels["test"], predicted, label_names)
-        figure = plots.plot_confusion_matrix(np.asarray(matrices[stage]["test"]), label_names,
-                                             run_dir / f"confusion_{stage}_test.png", f"{stage} on test")
-        logger.log_figure(f"{stage}/confusion_test", figure)
-        logger.log_text(f"{stage}/classification_report_test", reports[stage])
-        logger.log_metrics(metrics[stage], prefix=f"{stage}.")
-    save_classifiers(run_dir, classifiers, {**config, "mixed_precision": precision}, label_names)
-    timing["total"] = round(time.perf_counter() - start, 3)
+    with faults.stage("writing the results", kept):
+        for stage in ("svc", "logreg"):
+            with utils.timed(timing, stage), faults.stage(f"fitting and scoring the {stage} classifier", kept):
+                classifier, chosen[stage] = fit_classifier(stage, config, features, labels)
+                classifiers[stage] = classifier
+                metrics[stage], matrices[stage] = {}, {}
+                for split in ("validation", "test"):
+                    predicted, scores = predict_scored(classifier, features[split])
+                    metrics[stage][split] = evaluate.classification_metrics(labels[split], predicted)
+                    matrices[stage][split] = evaluate.confusion(labels[split], predicted, len(label_names)).tolist()
+                    evaluate.write_predictions(run_dir, stage, split, range(len(predicted)), splits[split]["text"],
+                                               labels[split], predicted, scores, label_names)
+                reports[stage] = evaluate.classification_report_text(labels["test"], predicted, label_names)
+            figure = plots.plot_confusion_matrix(np.asarray(matrices[stage]["test"]), label_names,
+                                                 run_dir / f"confusion_{stage}_test.png", f"{stage} on test")
+            logger.log_figure(f"{stage}/confusion_test", figure)
+            logger.log_text(f"{stage}/classification_report_test", reports[stage])
+            logger.log_metrics(metrics[stage], prefix=f"{stage}.")
+        save_classifiers(run_dir, classifiers, {**config, "mixed_precision": precision}, label_names)
+        timing["total"] = round(time.perf_counter() - start, 3)
 
-    # 7. results file and summary
-    model_info = {"name": config["model_name"], "parameters": parameters,
-                  "hidden_size": int(features["train"].shape[1]), "pooling": config["pooling"],
-                  "quantize": config["quantize"], "precision": precision}
-    evaluate.write_results(run_dir, "exercise_1", config, metrics, timing, model_info,
-                           label_names=label_names, classifiers=chosen, confusion_matrices=matrices,
-                           classification_reports=reports, throughput_sentences_per_s=throughput,
-                           data_sizes={split: len(dataset) for split, dataset in splits.items()})
+        # 7. results file and summary
+        model_info = {"name": config["model_name"], "parameters": parameters,
+                      "hidden_size": int(features["train"].shape[1]), "pooling": config["pooling"],
+                      "quantize": config["quantize"], "precision": precision}
+        evaluate.write_results(run_dir, "exercise_1", config, metrics, timing, model_info,
+                               label_names=label_names, classifiers=chosen, confusion_matrices=matrices,
+                               classification_reports=reports, throughput_sentences_per_s=throughput,
+                               data_sizes={split: len(dataset) for split, dataset in splits.items()})
     logger.finish()
     print(f"\n{evaluate.results_table(metrics)}\n\nrun folder: {run_dir}")
     return run_dir
@@ -399,36 +405,39 @@ TRUSTED_TYPES = ["sklearn.pipeline.Pipeline", "sklearn.preprocessing._data.Stand
 
 def save_classifiers(run_dir, classifiers: dict, config: dict, label_names: list[str]) -> None:
     """Each fitted classifier as `<stage>.skops` (no pickle), and `encoder.json`: the encoder, pooling and
-    max_length that make the features it expects, and the class names of its ids."""
+    max_length that make the features it expects, and the class names of its ids. Each file is written whole."""
     import json
 
     import skops.io
 
-    folder = run_dir / CLASSIFIER_DIR
-    folder.mkdir(exist_ok=True)
+    folder = faults.make_folder(run_dir / CLASSIFIER_DIR)
     for stage, classifier in classifiers.items():
-        skops.io.dump(classifier, folder / f"{stage}.skops")
+        utils.write_atomic(folder / f"{stage}.skops", skops.io.dumps(classifier))
     encoder = {key: config[key] for key in ("model_name", "pooling", "max_length", "trust_remote_code", "quantize",
                                             "mixed_precision")}
-    (folder / "encoder.json").write_text(json.dumps({**encoder, "label_names": label_names}, indent=2))
+    utils.write_atomic(folder / "encoder.json", json.dumps({**encoder, "label_names": label_names}, indent=2).encode())
 
 
 def load_classifier(run_dir, stage: str):
     """(classifier, encoder.json's dict) saved by save_classifiers; a file holding types outside
-    TRUSTED_TYPES is refused without being loaded."""
-    import json
+    TRUSTED_TYPES is refused without being loaded, and a damaged one (artifacts.py) is named."""
+    import artifacts
 
     folder = run_dir / CLASSIFIER_DIR
     path, info = folder / f"{stage}.skops", folder / "encoder.json"
-    if not path.is_file() or not info.is_file():
+    if not folder.exists():
         raise utils.LabError(f"{run_dir} has no saved {stage} classifier ({path.name} and encoder.json in "
                              f"{folder}): an unfinished run, or one from before classifiers were saved")
+    remedy = f"rerun exercise_1.py with the settings in {run_dir}/results.json to save the classifiers again"
+    artifacts.check_folder(folder, [path.name, info.name], remedy)
+    encoder = artifacts.read_json(info, remedy, {"model_name": str, "pooling": str, "max_length": int,
+                                                 "label_names": list})
     import skops.io
 
     untrusted = [name for name in skops.io.get_untrusted_types(file=path) if name not in TRUSTED_TYPES]
     if untrusted:
         raise utils.LabError(f"{path} holds types predict does not load: {untrusted}")
-    return skops.io.load(path, trusted=TRUSTED_TYPES), json.loads(info.read_text())
+    return skops.io.load(path, trusted=TRUSTED_TYPES), encoder
 
 
 if __name__ == "__main__":

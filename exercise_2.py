@@ -25,6 +25,7 @@ import numpy as np
 import LoRA
 import data
 import evaluate
+import faults
 import hub
 import plots
 import training
@@ -147,8 +148,10 @@ def main(argv: list[str] | None = None, callbacks=()):
 
     # 8. the `pretrained` stage: the same model before any training
     metrics, outputs, speed = {}, {}, {}
+    # what a run stopped by a signal or a failed write keeps: its checkpoints, and the command that continues
+    kept = lambda: f"no results written; {training.resume_hint(run_dir, config, run_dir.name)}"
     if config["evaluate_pretrained"]:
-        with utils.timed(timing, "pretrained"):
+        with utils.timed(timing, "pretrained"), faults.stage("the pretrained evaluation", kept):
             metrics["pretrained"], outputs["pretrained"], speed["pretrained"] = evaluate_stage(trainer, tokenized)
 
     # 9. train, from the newest checkpoint when resuming
@@ -157,48 +160,49 @@ def main(argv: list[str] | None = None, callbacks=()):
         train_output = trainer.train(resume_from_checkpoint=checkpoint)
 
     # 10. the `fine_tuned` stage: the best checkpoint (loaded by the Trainer) on validation and test
-    with utils.timed(timing, "evaluate"):
+    with utils.timed(timing, "evaluate"), faults.stage("the fine_tuned evaluation", kept):
         metrics["fine_tuned"], outputs["fine_tuned"], speed["fine_tuned"] = evaluate_stage(trainer, tokenized)
     timing["total"] = round(time.perf_counter() - start, 3)
     if not main_process:
         return run_dir
 
     # 11. results file, plots and summary (main process only)
-    matrices, reports = {}, {}
-    for stage, predictions in outputs.items():
-        matrices[stage] = {split: evaluate.confusion(labels, predicted, len(label_names)).tolist()
-                           for split, (labels, predicted, _) in predictions.items()}
-        reports[stage] = evaluate.classification_report_text(*predictions["test"][:2], label_names)
-        for split, (labels, predicted, scores) in predictions.items():
-            evaluate.write_predictions(run_dir, stage, split, range(len(labels)), splits[split]["text"], labels,
-                                       predicted, scores, label_names)
-    curves = plots.plot_training_curves(trainer.state.log_history, run_dir / "training_curves.png")
-    confusion = plots.plot_confusion_matrix(np.asarray(matrices["fine_tuned"]["test"]), label_names,
-                                            run_dir / "confusion_fine_tuned_test.png", "fine-tuned on test")
-    # step=None: W&B appends these after the Trainer's own steps instead of dropping them as out of order
-    for stage in metrics:
-        loggers.log_metrics(metrics[stage], prefix=f"{stage}.", step=None)
-    loggers.log_figure("fine_tuned/training_curves", curves, step=None)
-    loggers.log_figure("fine_tuned/confusion_test", confusion, step=None)
-    loggers.log_text("fine_tuned/classification_report_test", reports["fine_tuned"])
-    if config["lora"]["enabled"]:
-        LoRA.save_adapter(trainer.model, run_dir / "adapter")
-    best = trainer.state.best_model_checkpoint
-    model_info = {"name": config["model_name"], "parameters": total, "trainable_parameters": trainable,
-                  "num_labels": len(label_names), "lora": config["lora"] if config["lora"]["enabled"] else None,
-                  "adapter": str(run_dir / "adapter") if config["lora"]["enabled"] else None}
-    train_metrics = train_output.metrics
-    evaluate.write_results(
-        run_dir, "exercise_2", config, metrics, timing, model_info, label_names=label_names, report_to=args.report_to,
-        best_checkpoint=best, best_metric={config["metric_for_best_model"]: trainer.state.best_metric},
-        training={"global_step": trainer.state.global_step, "epochs": trainer.state.epoch,
-                  "train_loss": train_metrics.get("train_loss"), "resumed_from": checkpoint,
-                  "processes": distributed.num_processes, "device": device},
-        throughput={"train_samples_per_second": train_metrics.get("train_samples_per_second"),
-                    "eval_samples_per_second": speed},
-        confusion_matrices=matrices, classification_reports=reports,
-        data_sizes={split: len(dataset) for split, dataset in splits.items()}, memory=peak_memory(device),
-        log_history=trainer.state.log_history)
+    with faults.stage("writing the results", kept):
+        matrices, reports = {}, {}
+        for stage, predictions in outputs.items():
+            matrices[stage] = {split: evaluate.confusion(labels, predicted, len(label_names)).tolist()
+                               for split, (labels, predicted, _) in predictions.items()}
+            reports[stage] = evaluate.classification_report_text(*predictions["test"][:2], label_names)
+            for split, (labels, predicted, scores) in predictions.items():
+                evaluate.write_predictions(run_dir, stage, split, range(len(labels)), splits[split]["text"], labels,
+                                           predicted, scores, label_names)
+        curves = plots.plot_training_curves(trainer.state.log_history, run_dir / "training_curves.png")
+        confusion = plots.plot_confusion_matrix(np.asarray(matrices["fine_tuned"]["test"]), label_names,
+                                                run_dir / "confusion_fine_tuned_test.png", "fine-tuned on test")
+        # step=None: W&B appends these after the Trainer's own steps instead of dropping them as out of order
+        for stage in metrics:
+            loggers.log_metrics(metrics[stage], prefix=f"{stage}.", step=None)
+        loggers.log_figure("fine_tuned/training_curves", curves, step=None)
+        loggers.log_figure("fine_tuned/confusion_test", confusion, step=None)
+        loggers.log_text("fine_tuned/classification_report_test", reports["fine_tuned"])
+        if config["lora"]["enabled"]:
+            LoRA.save_adapter(trainer.model, run_dir / "adapter")
+        best = trainer.state.best_model_checkpoint
+        model_info = {"name": config["model_name"], "parameters": total, "trainable_parameters": trainable,
+                      "num_labels": len(label_names), "lora": config["lora"] if config["lora"]["enabled"] else None,
+                      "adapter": str(run_dir / "adapter") if config["lora"]["enabled"] else None}
+        train_metrics = train_output.metrics
+        evaluate.write_results(
+            run_dir, "exercise_2", config, metrics, timing, model_info, label_names=label_names, report_to=args.report_to,
+            best_checkpoint=best, best_metric={config["metric_for_best_model"]: trainer.state.best_metric},
+            training={"global_step": trainer.state.global_step, "epochs": trainer.state.epoch,
+                      "train_loss": train_metrics.get("train_loss"), "resumed_from": checkpoint,
+                      "processes": distributed.num_processes, "device": device},
+            throughput={"train_samples_per_second": train_metrics.get("train_samples_per_second"),
+                        "eval_samples_per_second": speed},
+            confusion_matrices=matrices, classification_reports=reports,
+            data_sizes={split: len(dataset) for split, dataset in splits.items()}, memory=peak_memory(device),
+            log_history=trainer.state.log_history)
     loggers.finish()
     print(f"\n{evaluate.results_table(metrics)}\n\nbest checkpoint: {best}\n"
           f"train: {train_metrics.get('train_samples_per_second')} samples/s over {timing['train']:.0f} s\n"

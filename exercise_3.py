@@ -27,6 +27,7 @@ import LoRA
 import clip
 import devices
 import evaluate
+import faults
 import images
 import plots
 import training
@@ -140,7 +141,9 @@ def main(argv: list[str] | None = None, callbacks=()):
     # 4. the `zero_shot` stage: the class text features (the zero-shot head) encoded once, then every
     #    validation image scored against them
     results = {}
-    with utils.timed(timing, "zero_shot"):
+    # what a run stopped by a signal or a failed write keeps: its checkpoints, and the command that continues
+    kept = lambda: f"no results written; {training.resume_hint(run_dir / 'checkpoints', config, run_dir.name)}"
+    with utils.timed(timing, "zero_shot"), faults.stage("the zero-shot evaluation", kept):
         classifier = clip.build_zero_shot_classifier(model, tokenizer, names, templates, precision=precision)
         results["zero_shot"] = clip.evaluate_zero_shot(model, classifier, names, evaluation, collator,
                                                        config["eval_batch_size"], workers, desc="zero-shot",
@@ -166,13 +169,14 @@ def main(argv: list[str] | None = None, callbacks=()):
     checkpoint = training.resume_checkpoint(config, run_dir / "checkpoints", main_process)
     with utils.timed(timing, "train"), training.guarded(trainer, stop, run_dir / "checkpoints", config, loggers):
         train_output = trainer.train(resume_from_checkpoint=checkpoint)
-    if main_process and config["lora"]["enabled"]:
-        LoRA.save_adapter(model, run_dir / "adapter")
-    elif main_process:              # every weight trained: the whole model, for predict.py
-        model.save_pretrained(run_dir / "model")
+    with faults.stage("saving the trained weights", kept):
+        if main_process and config["lora"]["enabled"]:
+            LoRA.save_adapter(model, run_dir / "adapter")
+        elif main_process:              # every weight trained: the whole model, for predict.py, written whole
+            faults.replace_whole(run_dir / "model", model.save_pretrained)
 
     # 6. the trained stage: the same evaluation, its head built anew from the trained text tower
-    with utils.timed(timing, "evaluate"):
+    with utils.timed(timing, "evaluate"), faults.stage(f"the {tuned} evaluation", kept):
         classifier = clip.build_zero_shot_classifier(model, tokenizer, names, templates, precision=precision)
         results[tuned] = clip.evaluate_zero_shot(model, classifier, names, evaluation, collator,
                                                  config["eval_batch_size"], workers, desc=f"zero-shot after {tuned}",
@@ -182,56 +186,57 @@ def main(argv: list[str] | None = None, callbacks=()):
         return run_dir
 
     # 7. plots, logs, results file (main process only)
-    metrics = {stage: {"validation": result.metrics} for stage, result in results.items()}
-    figures = {
-        "per_class_accuracy_change": plots.plot_per_class_change(results["zero_shot"].per_class_recall,
-                                                                 results[tuned].per_class_recall, names,
-                                                                 run_dir / "per_class_accuracy_change.png"),
-        "sample_predictions": plots.plot_sample_predictions(splits["validation"], results["zero_shot"], results[tuned],
-                                                            names, run_dir / "sample_predictions.png",
-                                                            config["num_sample_images"], config["seed"]),
-        # the validation curve starts at the zero-shot score (step 0) and ends at the trained stage's
-        "training_curves": plots.plot_training_curves(
-            [{"step": 0, **{f"eval_{k}": v for k, v in results["zero_shot"].metrics.items()}},
-             *trainer.state.log_history,
-             {"step": trainer.state.global_step, **{f"eval_{k}": v for k, v in results[tuned].metrics.items()}}],
-            run_dir / "training_curves.png"),
-        f"confusion_{tuned}": plots.plot_confusion_matrix(results[tuned].confusion, names,
-                                                          run_dir / f"confusion_{tuned}_validation.png",
-                                                          f"{tuned} on validation"),
-    }
-    # step=None: W&B appends these after the Trainer's own steps instead of dropping them as out of order
-    for stage in metrics:
-        loggers.log_metrics(metrics[stage], prefix=f"{stage}.", step=None)
-    for tag, figure in figures.items():
-        loggers.log_figure(f"{tuned}/{tag}", figure, step=None)
-    paths = list(splits["validation"]["image"])
-    for stage, result in results.items():      # per image: its path, true class, top-5 and best probability
-        evaluate.write_predictions(run_dir, stage, "validation", result.rows,
-                                   [images.image_id(paths[row]) for row in result.rows], result.labels,
-                                   result.predictions, result.scores, names, top_k=result.top_k)
-    skipped = sorted(set().union(*(result.skipped_images for result in results.values()), trainer.skipped_images))
-    if skipped:
-        print(f"warning: {len(skipped)} unreadable images were skipped (bad_images=fail stops at the first)",
-              file=sys.stderr)
-    model_info = {"name": config["model_name"], "parameters": total, "base_parameters": base_parameters,
-                  "trainable_parameters": trainable, "trainable_percent": round(100 * trainable / total, 4),
-                  "lora": config["lora"] if config["lora"]["enabled"] else None,
-                  "adapter": str(run_dir / "adapter") if config["lora"]["enabled"] else None}
-    evaluate.write_results(
-        run_dir, "exercise_3", config, metrics, timing, model_info, label_names=names, prompts=list(templates),
-        images_per_second={stage: result.images_per_second for stage, result in results.items()},
-        most_confused={stage: result.most_confused for stage, result in results.items()},
-        per_class_accuracy={stage: dict(zip(names, np.round(result.per_class_recall, 4).tolist()))
-                            for stage, result in results.items()},
-        confusion_matrices={stage: result.confusion.tolist() for stage, result in results.items()},
-        skipped_images={"count": len(skipped), "files": skipped[:50], "policy": config["bad_images"]},
-        training={"global_step": trainer.state.global_step, "epochs": trainer.state.epoch, "loss": config["loss"],
-                  "train_loss": train_output.metrics.get("train_loss"),
-                  "train_samples_per_second": train_output.metrics.get("train_samples_per_second"),
-                  "resumed_from": checkpoint, "device": device, "processes": distributed.num_processes,
-                  "precision": precision, "dataloader_num_workers": workers},
-        data_sizes={split: len(dataset) for split, dataset in splits.items()}, log_history=trainer.state.log_history)
+    with faults.stage("writing the results", kept):
+        metrics = {stage: {"validation": result.metrics} for stage, result in results.items()}
+        figures = {
+            "per_class_accuracy_change": plots.plot_per_class_change(results["zero_shot"].per_class_recall,
+                                                                     results[tuned].per_class_recall, names,
+                                                                     run_dir / "per_class_accuracy_change.png"),
+            "sample_predictions": plots.plot_sample_predictions(splits["validation"], results["zero_shot"], results[tuned],
+                                                                names, run_dir / "sample_predictions.png",
+                                                                config["num_sample_images"], config["seed"]),
+            # the validation curve starts at the zero-shot score (step 0) and ends at the trained stage's
+            "training_curves": plots.plot_training_curves(
+                [{"step": 0, **{f"eval_{k}": v for k, v in results["zero_shot"].metrics.items()}},
+                 *trainer.state.log_history,
+                 {"step": trainer.state.global_step, **{f"eval_{k}": v for k, v in results[tuned].metrics.items()}}],
+                run_dir / "training_curves.png"),
+            f"confusion_{tuned}": plots.plot_confusion_matrix(results[tuned].confusion, names,
+                                                              run_dir / f"confusion_{tuned}_validation.png",
+                                                              f"{tuned} on validation"),
+        }
+        # step=None: W&B appends these after the Trainer's own steps instead of dropping them as out of order
+        for stage in metrics:
+            loggers.log_metrics(metrics[stage], prefix=f"{stage}.", step=None)
+        for tag, figure in figures.items():
+            loggers.log_figure(f"{tuned}/{tag}", figure, step=None)
+        paths = list(splits["validation"]["image"])
+        for stage, result in results.items():      # per image: its path, true class, top-5 and best probability
+            evaluate.write_predictions(run_dir, stage, "validation", result.rows,
+                                       [images.image_id(paths[row]) for row in result.rows], result.labels,
+                                       result.predictions, result.scores, names, top_k=result.top_k)
+        skipped = sorted(set().union(*(result.skipped_images for result in results.values()), trainer.skipped_images))
+        if skipped:
+            print(f"warning: {len(skipped)} unreadable images were skipped (bad_images=fail stops at the first)",
+                  file=sys.stderr)
+        model_info = {"name": config["model_name"], "parameters": total, "base_parameters": base_parameters,
+                      "trainable_parameters": trainable, "trainable_percent": round(100 * trainable / total, 4),
+                      "lora": config["lora"] if config["lora"]["enabled"] else None,
+                      "adapter": str(run_dir / "adapter") if config["lora"]["enabled"] else None}
+        evaluate.write_results(
+            run_dir, "exercise_3", config, metrics, timing, model_info, label_names=names, prompts=list(templates),
+            images_per_second={stage: result.images_per_second for stage, result in results.items()},
+            most_confused={stage: result.most_confused for stage, result in results.items()},
+            per_class_accuracy={stage: dict(zip(names, np.round(result.per_class_recall, 4).tolist()))
+                                for stage, result in results.items()},
+            confusion_matrices={stage: result.confusion.tolist() for stage, result in results.items()},
+            skipped_images={"count": len(skipped), "files": skipped[:50], "policy": config["bad_images"]},
+            training={"global_step": trainer.state.global_step, "epochs": trainer.state.epoch, "loss": config["loss"],
+                      "train_loss": train_output.metrics.get("train_loss"),
+                      "train_samples_per_second": train_output.metrics.get("train_samples_per_second"),
+                      "resumed_from": checkpoint, "device": device, "processes": distributed.num_processes,
+                      "precision": precision, "dataloader_num_workers": workers},
+            data_sizes={split: len(dataset) for split, dataset in splits.items()}, log_history=trainer.state.log_history)
     loggers.finish()
     confused = ", ".join(f"{pair['true']} -> {pair['predicted']} ({pair['count']})"
                          for pair in results[tuned].most_confused[:3])
@@ -244,7 +249,7 @@ def main(argv: list[str] | None = None, callbacks=()):
 
 def check_config(config: dict, device: str) -> None:
     """The shared Trainer checks, plus this exercise's own."""
-    training.check_config(config, device)
+    training.check_config(config, device, checkpoints="checkpoints")
     if "{}" not in config["train_template"]:
         raise utils.LabError(f"train_template needs a {{}} for the class name, got {config['train_template']!r}")
 

@@ -47,7 +47,7 @@ def read_wordnet_words(words_file: Path) -> dict:
 
 
 def readable_class_names(raw_names: list[str], style: str = "first", words_file: Path | None = None) -> list[str]:
-    """Unique, readable names for prompts.
+    """Readable names for prompts, one per class and all distinct (check_unique_names).
 
     `raw_names` are WordNet ids or folder names. `style`: "first" (first WordNet synonym),
     "all" (every synonym, as in words.txt), or the path of a JSON file {raw name: readable name}
@@ -64,24 +64,49 @@ def readable_class_names(raw_names: list[str], style: str = "first", words_file:
         if len(unused) == len(custom):
             print(f"warning: none of the {len(custom)} ids in {custom_file} is a class of this dataset "
                   f"(e.g. {unused[0]!r}; classes are e.g. {list(raw_names[:3])})", file=sys.stderr)
-    words = {**shipped_wordnet_words(), **(read_wordnet_words(words_file) if words_file else {})}
-    names = []
+    own = read_wordnet_words(words_file) if words_file else {}
+    words = {**shipped_wordnet_words(), **own}
+    names, sources = [], []     # where each name comes from, for the message when two collide
     for raw in raw_names:
         if raw in custom:
             names.append(str(custom[raw]))
+            sources.append(f"from {custom_file}")
         elif raw in words:
             names.append(words[raw] if style == "all" else words[raw].split(",")[0].strip())
+            sources.append(f"{'its WordNet synonyms' if style == 'all' else 'its first WordNet synonym'} in "
+                           f"{words_file if raw in own else f'{SHIPPED_WORDS.parent.name}/{SHIPPED_WORDS.name}'}")
         else:
             names.append(raw.replace("_", " "))
+            sources.append("its name in the dataset")
     untranslated = [raw for raw, name in zip(raw_names, names) if WORDNET_ID.match(name)]
     if untranslated:
         print(f"warning: no readable name for {len(untranslated)} WordNet ids (e.g. {untranslated[0]}); "
               f"prompts will use the ids. Point to a words.txt or set class_names=<names.json>")
-    counts = {}
-    for name in names:
-        counts[name] = counts.get(name, 0) + 1
-    # two classes with one name would get one prompt: keep them apart by their raw id
-    return [f"{name} ({raw})" if counts[name] > 1 else name for name, raw in zip(names, raw_names)]
+    check_unique_names(raw_names, names, sources, words)
+    return names
+
+
+def check_unique_names(raw_names: list[str], names: list[str], sources: list[str], words: dict) -> None:
+    """Two classes whose names differ only in case or spacing get one prompt, and no zero-shot head can tell
+    them apart: refused, naming both classes, the name and where each came from, unless class_names gives one
+    a name of its own. WordNet's first synonyms collide too (ImageNet has two "crane"s, a bird and a machine):
+    the raw id appended ("crane (n03126707)") would keep them apart in the label list only, as CLIP reads the
+    same word in both prompts, so those are refused as well, with another synonym as the suggested fix."""
+    seen = {}
+    for raw, name, source in zip(raw_names, names, sources):
+        seen.setdefault(" ".join(name.split()).casefold(), []).append((raw, name, source))
+    clashes = [group for group in seen.values() if len(group) > 1]
+    if not clashes:
+        return
+    listed = " and ".join(f"{raw!r} ({name!r}, {source})" for raw, name, source in clashes[0])
+    more = f" ({len(clashes) - 1} more names collide: {', '.join(repr(c[0][1]) for c in clashes[1:4])})" \
+        if len(clashes) > 1 else ""
+    last = clashes[0][-1][0]
+    synonyms = [synonym.strip() for synonym in words.get(last, "").split(",")[1:] if synonym.strip()]
+    example = json.dumps({last: synonyms[0] if synonyms else "<a name of its own>"})
+    raise LabError(f"class names collide (the same once case and spacing are ignored): {listed}{more}; every "
+                   f"class needs a name of its own for its prompts: set class_names=<a JSON file> that renames "
+                   f"one of them, e.g. {example}")
 
 
 def read_class_names_file(path: Path) -> dict:

@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from utils import LabError, flatten
+from utils import LabError, flatten, write_atomic
 
 WANDB_MODES = ("offline", "online", "disabled")
 
@@ -44,7 +44,7 @@ def wandb_run_id(run_dir: Path) -> str:
     resume=True logs into the same W&B run instead of starting a second one with the same name."""
     path = Path(run_dir) / ".wandb_run_id"
     if not path.exists():
-        path.write_text(os.urandom(6).hex())
+        write_atomic(path, os.urandom(6).hex().encode())    # a cut-off id would start another W&B run
     return path.read_text().strip()
 
 

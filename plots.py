@@ -14,6 +14,17 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 import numpy as np  # noqa: E402
 
 import images  # noqa: E402
+from utils import write_atomic  # noqa: E402
+
+
+def save_figure(figure, path: Path) -> None:
+    """Render the figure in memory, then write the file whole (utils.write_atomic): savefig straight to the file
+    would leave a cut-off image, taken for the run's figure, when the disk fills or a signal comes mid-write."""
+    import io
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format=Path(path).suffix.lstrip(".") or "png", dpi=110)
+    write_atomic(path, buffer.getvalue())
 
 
 def plot_confusion_matrix(matrix: np.ndarray, label_names: list[str], path: Path | None = None, title: str = ""):
@@ -35,7 +46,7 @@ def plot_confusion_matrix(matrix: np.ndarray, label_names: list[str], path: Path
     axis.set_title(title or "confusion matrix")
     figure.tight_layout()
     if path is not None:
-        figure.savefig(path, dpi=110)
+        save_figure(figure, path)
     return figure
 
 
@@ -64,7 +75,7 @@ def plot_training_curves(log_history: list[dict], path: Path | None = None,
             axis.legend()
     figure.tight_layout()
     if path is not None:
-        figure.savefig(path, dpi=110)
+        save_figure(figure, path)
     return figure
 
 
@@ -94,7 +105,7 @@ def plot_per_class_change(before: np.ndarray, after: np.ndarray, names: list[str
     axis.set_title(f"per-class accuracy: {(change > 0).sum()} classes up, {(change < 0).sum()} down, "
                    f"{(change == 0).sum()} unchanged; mean {np.nanmean(after - before):+.4f}", fontsize=10)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    save_figure(figure, path)
     return figure
 
 
@@ -114,7 +125,7 @@ def plot_sample_predictions(raw_dataset, before, after, names: list[str], path: 
         axis.set_title(f"{names[label][:18]}\nzs: {names[zero_shot_by_row[row]][:16]}\nnow: {names[predicted][:16]}",
                        fontsize=7, color="tab:green" if predicted == label else "tab:red")
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    save_figure(figure, path)
     return figure
 
 
@@ -167,7 +178,7 @@ def plot_ablation(sweep: dict, rows: list[dict], path: Path) -> Path | None:
             panel.legend(fontsize=8)
     figure.suptitle(f"sweep {sweep['name']}")
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    save_figure(figure, path)
     plt.close(figure)
     return path
 
@@ -189,6 +200,6 @@ def plot_comparison(rows: list[dict], path: Path) -> Path | None:
     axis.set_xlabel("accuracy")
     axis.set_title("best run per approach (chosen on validation)", fontsize=10)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    save_figure(figure, path)
     plt.close(figure)
     return path

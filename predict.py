@@ -15,18 +15,21 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
+import artifacts
 import devices
 import images
 import utils
 from utils import LabError
 
 TEXT_FILES = (".txt", ".csv", ".tsv")
+# what each kind of saved model folder must hold (artifacts.check_folder also checks every JSON file in it)
+MODEL_FILES, ADAPTER_FILES = ("config.json", "model.safetensors"), ("adapter_config.json", "adapter_model.safetensors")
 STAGES = {"exercise_1": ("svc", "logreg"), "exercise_2": ("fine_tuned",),
           "exercise_3": ("lora", "fine_tuned", "zero_shot")}
 SCORES = {"svc": "SVC margin (distance from the boundary; larger = surer)", "logreg": "probability",
@@ -48,6 +51,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--stage", help="exercise 1: svc or logreg (default: the one better on validation); "
                         "exercise 3: zero_shot for the model without the run's training")
     parser.add_argument("--batch-size", type=int, metavar="N", help="inputs per forward pass (default: the run's eval_batch_size)")
+    parser.add_argument("--strict", action="store_true", help="stop at the first unreadable input (an image that does "
+                        "not decode, a file that is empty or not UTF-8) instead of skipping it with a warning")
     args = parser.parse_args(argv)
     if args.batch_size is not None and args.batch_size < 1:
         raise LabError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -66,20 +71,21 @@ def load_run(folder: str) -> tuple[Path, dict]:
     if not run_dir.is_dir():
         raise LabError(f"run folder {folder} does not exist" if not run_dir.exists() else f"{folder} is not a folder")
     path = run_dir / RESULTS_FILE
-    if not path.is_file():
+    if not path.exists():
         inside = sorted(child.name for child in run_dir.iterdir() if (child / RESULTS_FILE).is_file())
         why = (f"it holds run folders ({', '.join(inside[:5])}); give one" if inside
                else "the run did not finish (or this is not a run folder)")
         raise LabError(f"{folder} has no {RESULTS_FILE}: {why}")
-    try:
-        results = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise LabError(f"cannot read {path}: {error}") from None
-    exercise = results.get("exercise") if isinstance(results, dict) else None
-    if exercise not in STAGES:
-        raise LabError(f"{path} is from {exercise or 'no known exercise'}; predict works with runs of "
-                       f"{', '.join(STAGES)}")
+    results = artifacts.read_json(path, "rerun the exercise that made the run to write it again",
+                                  {"exercise": str, "config": dict, "label_names": list})
+    if results["exercise"] not in STAGES:
+        raise LabError(f"{path} is from {results['exercise']}; predict works with runs of {', '.join(STAGES)}")
     return run_dir, results
+
+
+def remake(run_dir: Path, results: dict) -> str:
+    """What to do about a damaged file of a finished run: make the run again."""
+    return f"rerun {results['exercise']}.py with the settings in {run_dir / 'results.json'} to save it again"
 
 
 def model_source(run_dir: Path, config: dict, name: str) -> str:
@@ -109,12 +115,34 @@ def choose_stage(results: dict, stage: str | None) -> str:
     return stage
 
 
+class Unreadable(NamedTuple):
+    """An input file that cannot be read, and why: `f"{input} is {reason}"` reads as a sentence."""
+    input: str
+    reason: str
+
+
+def unreadable_error(bad: list[Unreadable], strict: bool = False) -> LabError:
+    """The one line for unreadable inputs that leave nothing to classify, or (`strict`) for the first of them."""
+    if strict:
+        return LabError(f"{bad[0].input} is {bad[0].reason}; --strict stops at the first unreadable input "
+                        f"(without it, unreadable inputs are skipped with a warning)")
+    return LabError(f"{'no input can' if len(bad) > 1 else 'the input cannot'} be read, nothing to classify: "
+                    f"{name_unreadable(bad)}; fix or replace {'them' if len(bad) > 1 else 'it'}")
+
+
+def name_unreadable(bad: list[Unreadable]) -> str:
+    """The first three unreadable inputs and why, and how many more: one line however many there are."""
+    return "; ".join(f"{item.input} is {item.reason}" for item in bad[:3]) + (f"; and {len(bad) - 3} more"
+                                                                              if len(bad) > 3 else "")
+
+
 def looks_like_file(item: str) -> bool:
     return not any(c.isspace() for c in item) and Path(item).suffix.lower() in (*TEXT_FILES, *images.IMAGE_SUFFIXES)
 
 
-def read_texts(inputs: list[str], text_column: str) -> list[str]:
-    """Sentences as given, lines of text files, a column of CSV/TSV files, lines of stdin for `-`."""
+def read_texts(inputs: list[str], text_column: str) -> list[str | Unreadable]:
+    """Sentences as given, lines of text files, a column of CSV/TSV files, lines of stdin for `-`; a file
+    that cannot be read is kept, in its place, as Unreadable."""
     texts = []
     for item in inputs:
         path = Path(item).expanduser()
@@ -124,7 +152,8 @@ def read_texts(inputs: list[str], text_column: str) -> list[str]:
             raise LabError(f"{item} is {'a folder' if path.is_dir() else 'an image'}; this run classifies text: "
                            f"give sentences or .txt/.csv files")
         elif path.is_file():
-            texts += read_text_file(path, text_column)
+            found = read_text_file(path, text_column)
+            texts += [found] if isinstance(found, Unreadable) else found
         elif looks_like_file(item):
             raise LabError(f"input file {item} does not exist")
         else:
@@ -132,7 +161,9 @@ def read_texts(inputs: list[str], text_column: str) -> list[str]:
     return texts
 
 
-def read_text_file(path: Path, text_column: str) -> list[str]:
+def read_text_file(path: Path, text_column: str) -> list[str] | Unreadable:
+    """The texts in one file, or why it cannot be read. A table without `text_column` is the flag's problem,
+    not the file's: LabError, as skipping it would hide a wrong --text-column."""
     import pandas as pd
 
     try:
@@ -141,13 +172,17 @@ def read_text_file(path: Path, text_column: str) -> list[str]:
             if text_column not in frame.columns:
                 raise LabError(f"{path} has no column {text_column!r} (columns: {list(frame.columns)}); "
                                f"set --text-column")
-            return frame[text_column].dropna().astype(str).tolist()
-        # lines end at "\n" only: str.splitlines() would also cut at U+0085 and U+2028 inside a text
-        return [line.strip() for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+            texts = frame[text_column].dropna().astype(str).tolist()
+        else:   # lines end at "\n" only: str.splitlines() would also cut at U+0085 and U+2028 inside a text
+            texts = [line.strip() for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
     except UnicodeDecodeError as error:
-        raise LabError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
-        raise LabError(f"cannot read {path}: {getattr(error, 'strerror', None) or error}") from None
+        return Unreadable(str(path), f"not UTF-8 text ({error.reason} at byte {error.start})")
+    except pd.errors.EmptyDataError:
+        return Unreadable(str(path), "empty")
+    except (OSError, pd.errors.ParserError) as error:
+        first = str(getattr(error, "strerror", None) or error).strip().splitlines()[0]
+        return Unreadable(str(path), f"not readable ({first})")
+    return texts or Unreadable(str(path), "empty")
 
 
 def read_image_paths(inputs: list[str]) -> list[str]:
@@ -170,10 +205,11 @@ def read_image_paths(inputs: list[str]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# One predictor per exercise: inputs -> (predicted class ids, scores, top-5 ids or None), class names
+# One predictor per exercise: inputs -> (predicted class ids, scores, top-5 ids or None, class names,
+# {index of an input: why it could not be read}); texts were read before (read_texts), images are decoded here
 # ---------------------------------------------------------------------------------------------
 
-def predict_exercise_1(run_dir: Path, results: dict, texts: list[str], stage: str, batch_size: int):
+def predict_exercise_1(run_dir: Path, results: dict, texts: list[str], stage: str, batch_size: int, strict: bool):
     import exercise_1
 
     classifier, encoder = exercise_1.load_classifier(run_dir, stage)
@@ -185,25 +221,28 @@ def predict_exercise_1(run_dir: Path, results: dict, texts: list[str], stage: st
                                            batch_size, device, desc="features",
                                            precision=devices.replay_precision(encoder.get("mixed_precision", "no"), device))
     predicted, scores = exercise_1.predict_scored(classifier, features)
-    return predicted, scores, None, encoder["label_names"]
+    return predicted, scores, None, encoder["label_names"], {}
 
 
 def find_checkpoint(run_dir: Path, results: dict) -> Path:
-    """The run's best checkpoint, also when the run folder has moved since."""
+    """The run's best checkpoint: the one in its folder (also when the folder was moved or copied since), else
+    where results.json says it was saved."""
     best = results.get("best_checkpoint")
     if not best:
         raise LabError(f"{run_dir}/results.json names no best checkpoint; the run did not finish")
-    for candidate in (Path(best), run_dir / Path(best).name):
-        if (candidate / "config.json").is_file():
-            return candidate
+    for candidate in (run_dir / Path(best).name, Path(best)):
+        if candidate.exists():
+            return artifacts.check_folder(candidate, MODEL_FILES, remake(run_dir, results))
     raise LabError(f"the best checkpoint of {run_dir} ({Path(best).name}) is missing: deleted or moved")
 
 
-def predict_exercise_2(run_dir: Path, results: dict, texts: list[str], stage: str, batch_size: int):
+def predict_exercise_2(run_dir: Path, results: dict, texts: list[str], stage: str, batch_size: int, strict: bool):
     config, names = results["config"], results["label_names"]
     lora = (config.get("lora") or {}).get("enabled")
-    if lora and not (run_dir / "adapter" / "adapter_config.json").is_file():
+    if lora and not (run_dir / "adapter").exists():
         raise LabError(f"{run_dir} has no adapter/ (adapter_config.json): the LoRA run did not finish")
+    if lora:
+        artifacts.check_folder(run_dir / "adapter", ADAPTER_FILES, remake(run_dir, results))
     checkpoint = None if lora else find_checkpoint(run_dir, results)
     import torch
     from transformers import AutoModelForSequenceClassification
@@ -236,20 +275,23 @@ def predict_exercise_2(run_dir: Path, results: dict, texts: list[str], stage: st
             best = model(**batch).logits.float().softmax(dim=-1).max(dim=-1)
             predicted.append(best.indices.cpu().numpy())
             scores.append(best.values.cpu().numpy())
-    return np.concatenate(predicted), np.concatenate(scores), None, names
+    return np.concatenate(predicted), np.concatenate(scores), None, names, {}
 
 
-def predict_exercise_3(run_dir: Path, results: dict, paths: list[str], stage: str, batch_size: int):
+def predict_exercise_3(run_dir: Path, results: dict, paths: list[str], stage: str, batch_size: int, strict: bool):
     import torch
 
     import clip
     import LoRA
 
     config, names = results["config"], results["label_names"]
-    if stage == "lora" and not (run_dir / "adapter" / "adapter_config.json").is_file():
+    if stage == "lora" and not (run_dir / "adapter").exists():
         raise LabError(f"{run_dir} has no adapter/ (adapter_config.json): the run did not finish")
-    if stage == "fine_tuned" and not (run_dir / "model" / "config.json").is_file():
+    if stage == "fine_tuned" and not (run_dir / "model").exists():
         raise LabError(f"{run_dir} has no model/ folder: the run did not finish (or predates predict.py)")
+    if stage != "zero_shot":
+        folder, required = ("adapter", ADAPTER_FILES) if stage == "lora" else ("model", MODEL_FILES)
+        artifacts.check_folder(run_dir / folder, required, remake(run_dir, results))
     model, tokenizer, image_processor = clip.load_clip(model_source(run_dir, config, config["model_name"]),
                                                        config["trust_remote_code"])
     if stage == "lora":
@@ -264,15 +306,20 @@ def predict_exercise_3(run_dir: Path, results: dict, paths: list[str], stage: st
     precision = devices.replay_precision(config.get("mixed_precision", "no"), device)
     classifier = clip.build_zero_shot_classifier(model, tokenizer, names, templates, precision=precision)
     transform = clip.ImageTransform(image_processor, on_bad_image="fail")
-    predicted, scores, top = [], [], []
+    predicted, scores, top, unreadable = [], [], [], {}
     with torch.inference_mode():
         for start in range(0, len(paths), batch_size):
             decoded = []
-            for path in paths[start:start + batch_size]:
+            for index in range(start, min(start + batch_size, len(paths))):
                 try:
-                    decoded.append(images.open_rgb(path))
+                    decoded.append(images.open_rgb(paths[index]))
                 except Exception as error:  # PIL raises many kinds for a bad file
-                    raise LabError(f"cannot read image {path}: {error}") from None
+                    unreadable[index] = "empty" if not Path(paths[index]).stat().st_size else \
+                        f"not a readable image ({error})"
+                    if strict:
+                        raise unreadable_error([Unreadable(paths[index], unreadable[index])], strict) from None
+            if not decoded:
+                continue
             # the run's own transform, so its pixels are the run's (pixels.py where it applies, else the processor)
             pixels = torch.stack(transform({"image": decoded, "label": [0] * len(decoded)})["pixel_values"])
             logits = clip.zero_shot_logits(model, pixels, classifier, precision)
@@ -280,7 +327,9 @@ def predict_exercise_3(run_dir: Path, results: dict, paths: list[str], stage: st
             top.append(best.indices.cpu().numpy())
             predicted.append(best.indices[:, 0].cpu().numpy())
             scores.append((best.values[:, 0] - logits.logsumexp(dim=-1)).exp().cpu().numpy())
-    return np.concatenate(predicted), np.concatenate(scores), np.concatenate(top), names
+    if not predicted:
+        raise unreadable_error([Unreadable(paths[index], reason) for index, reason in unreadable.items()])
+    return np.concatenate(predicted), np.concatenate(scores), np.concatenate(top), names, unreadable
 
 
 PREDICTORS = {"exercise_1": predict_exercise_1, "exercise_2": predict_exercise_2, "exercise_3": predict_exercise_3}
@@ -290,20 +339,28 @@ PREDICTORS = {"exercise_1": predict_exercise_1, "exercise_2": predict_exercise_2
 # Output
 # ---------------------------------------------------------------------------------------------
 
-def prediction_rows(inputs, predicted, scores, top, names) -> list[dict]:
-    rows = []
-    for index, item in enumerate(inputs):
-        row = {"input": item, "predicted": names[int(predicted[index])], "score": round(float(scores[index]), 6)}
+def prediction_rows(entries, predicted, scores, top, names) -> list[dict]:
+    """One row per input, in order: `skipped` is empty, or (with `predicted` and `score` empty) why the input
+    was not classified, so every row of --output has the same columns and reads back with any CSV reader."""
+    rows, done = [], 0
+    for entry in entries:
+        if isinstance(entry, Unreadable):
+            empty = {"predicted": "", "score": None, **({"top5": ""} if top is not None else {})}
+            rows.append({"input": entry.input, **empty, "skipped": entry.reason})
+            continue
+        row = {"input": entry, "predicted": names[int(predicted[done])], "score": round(float(scores[done]), 6)}
         if top is not None:
-            row["top5"] = "|".join(names[int(k)] for k in top[index])
-        rows.append(row)
+            row["top5"] = "|".join(names[int(k)] for k in top[done])
+        rows.append({**row, "skipped": ""})
+        done += 1
     return rows
 
 
 def format_table(rows: list[dict], width: int = 60) -> str:
     shorten = lambda text: text if len(text) <= width else text[:width - 3] + "..."
-    cells = [["input", "predicted", "score"]] + [[shorten(row["input"]), row["predicted"], f"{row['score']:.4f}"]
-                                                 for row in rows]
+    cells = [["input", "predicted", "score"]] + [
+        [shorten(row["input"]), row["predicted"] or "(skipped)", "" if row["skipped"] else f"{row['score']:.4f}"]
+        for row in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(3)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -332,22 +389,36 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    """Classify the inputs; returns the rows printed (input, predicted, score, and top5 for images)."""
+    """Classify the inputs; returns the rows printed (input, predicted, score, top5 for images, skipped)."""
     args = parse_args(list(argv or []))
     run_dir, results = load_run(args.run)
     exercise = results["exercise"]
     stage = choose_stage(results, args.stage)
     output = check_output(args.output)
-    inputs = read_image_paths(args.inputs) if exercise == "exercise_3" else read_texts(args.inputs, args.text_column)
-    if not inputs:
+    entries = read_image_paths(args.inputs) if exercise == "exercise_3" else read_texts(args.inputs, args.text_column)
+    readable = [entry for entry in entries if not isinstance(entry, Unreadable)]
+    bad = [entry for entry in entries if isinstance(entry, Unreadable)]
+    if bad and (args.strict or not readable):       # before any model is loaded
+        raise unreadable_error(bad, args.strict)
+    if not readable:
         raise LabError("no inputs to classify: the files given hold no text")
     batch_size = args.batch_size or results["config"].get("eval_batch_size") or 32
-    predicted, scores, top, names = PREDICTORS[exercise](run_dir, results, inputs, stage, batch_size)
-    rows = prediction_rows(inputs, predicted, scores, top, names)
+    predicted, scores, top, names, unreadable = PREDICTORS[exercise](run_dir, results, readable, stage, batch_size,
+                                                                     args.strict)
+    positions = [index for index, entry in enumerate(entries) if not isinstance(entry, Unreadable)]
+    for index, reason in unreadable.items():        # images the predictor could not decode
+        entries[positions[index]] = Unreadable(entries[positions[index]], reason)
+    rows = prediction_rows(entries, predicted, scores, top, names)
     print(f"{run_dir} ({exercise}, stage {stage}; score: {SCORES[stage]})\n\n{format_table(rows)}")
+    skipped = [entry for entry in entries if isinstance(entry, Unreadable)]
+    if skipped:     # one warning, after the table, for every input left out
+        marked = f"; marked in the skipped column of {output}" if output else ""
+        print(f"warning: skipped {len(skipped)} unreadable input{'s' * (len(skipped) > 1)} ({len(rows) - len(skipped)} "
+              f"classified): {name_unreadable(skipped)}{marked} (--strict stops instead)", file=sys.stderr)
     if output:
         write_csv(rows, output)
-        print(f"\nwrote {len(rows)} predictions to {output}")
+        print(f"\nwrote {len(rows) - len(skipped)} predictions to {output}"
+              + (f", and {len(skipped)} rows saying why an input was skipped" if skipped else ""))
     return rows
 
 

@@ -53,7 +53,8 @@ def read_json(path: Path, problem) -> dict | None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         reason = str(error)
     if reason:
-        print(f"warning: skipping {path}: {reason}", file=sys.stderr)
+        print(f"warning: skipping {path}: {reason}; the report leaves it out (rerun what wrote it, or delete it)",
+              file=sys.stderr)
         return None
     return contents
 
@@ -319,8 +320,8 @@ def ablation_table(sweep: dict, rows: list[dict]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 def confident_mistakes(run: dict, top: int = 3) -> list[dict]:
-    """Up to `top` wrong predictions with the highest scores, from the predictions file of the run's
-    stage best on validation, on test where it has one (none when the run wrote no such file)."""
+    """Up to `top` wrong predictions with the highest scores, from the predictions file of the run's stage best
+    on validation, on test where it has one (none without that file; a warning when it is damaged)."""
     from evaluate import PREDICTIONS_DIR, read_predictions
 
     metrics = {stage: splits for stage, splits in (run.get("metrics") or {}).items() if splits}
@@ -329,7 +330,11 @@ def confident_mistakes(run: dict, top: int = 3) -> list[dict]:
     stage = max(metrics, key=lambda name: (metrics[name].get("validation") or {}).get("accuracy") or 0.0)
     split = headline_split(metrics[stage])
     path = Path(run["path"]).parent / PREDICTIONS_DIR / f"{stage}_{split}.csv"
-    wrong = [row for row in read_predictions(path) if row["label"] != row["predicted"]] if path.is_file() else []
+    try:
+        wrong = [row for row in read_predictions(path) if row["label"] != row["predicted"]] if path.exists() else []
+    except LabError as error:
+        print(f"warning: {error}; the report leaves out the mistakes of {run['run']}", file=sys.stderr)
+        return []
     return [{**row, "stage": stage, "split": split} for row in sorted(wrong, key=lambda row: -row["score"])[:top]]
 
 

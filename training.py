@@ -3,8 +3,10 @@ the run folder under torchrun, checkpoints and resume, one non-finite-loss polic
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -18,6 +20,7 @@ from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 import devices
+import faults
 import loggers
 import utils
 from utils import LabError
@@ -166,8 +169,9 @@ FRACTIONS = ("lora.dropout",)                                  # in [0, 1)
 INTEGERS = ("max_train_samples", "max_eval_samples", "max_steps")  # whole numbers (their default is None)
 
 
-def check_config(config: dict, device: str) -> None:
-    """The checks of the shared Trainer keys that parse_config's ranges cannot express."""
+def check_config(config: dict, device: str, checkpoints: str = "") -> None:
+    """The checks of the shared Trainer keys that parse_config's ranges cannot express, and with resume=True the
+    run's settings and its newest checkpoint; `checkpoints`: where the exercise's Trainer saves them in the run."""
     devices.warn_slow_precision(devices.precision(config["mixed_precision"], device), device)
     if "dataloader_num_workers" in config:
         devices.loader_workers(config["dataloader_num_workers"], device)
@@ -176,7 +180,10 @@ def check_config(config: dict, device: str) -> None:
     if config["resume"] and not config["run_name"]:
         raise LabError("resume=True needs run_name=<the run to continue> (its folder under output_dir)")
     if config["resume"]:
+        import artifacts
+
         check_resume(config)
+        artifacts.check_checkpoints(Path(config["output_dir"]).expanduser() / str(config["run_name"]) / checkpoints)
 
 
 # Keys that change only what is logged, evaluated or kept, or where the run lives: a resumed run may change
@@ -196,14 +203,15 @@ def check_resume(config: dict) -> None:
     loud = os.environ.get("RANK", "0") == "0"  # under torchrun, one process says it
     if not run_dir.is_dir():
         return  # nothing to continue: the run starts afresh
-    try:
-        old = utils.flatten(json.loads(path.read_text()))
-    except (OSError, ValueError) as error:
+    if not path.exists():
         if loud:
             print(f"warning: cannot check that resume=True keeps the settings of {run_dir}: {path.name} is "
-                  f"{'missing (a run from an older version)' if not path.exists() else f'unreadable ({error})'}",
-                  file=sys.stderr)
+                  f"missing (a run from an older version)", file=sys.stderr)
         return
+    import artifacts
+
+    old = utils.flatten(artifacts.read_json(path, "it records the settings the checkpoints were trained with: "
+                                                  "delete it to resume without checking them (keep them yourself)"))
     new = utils.flatten(config)
     changed = [f"{key} {old[key]!r} -> {new[key]!r}" for key in new
                if key in old and key not in OUTPUT_ONLY and old[key] != new[key]]
@@ -275,6 +283,36 @@ class LabTrainer(Trainer):
             check_loss(result[0] if return_outputs else result, self.state.global_step + 1)
         return result
 
+    def _run_epoch(self, *args, **kwargs):
+        # Resumed from the checkpoint of the last step (training had finished; a write fault or a signal stopped
+        # the run after it), the stock loop trains one step past max_steps: there is nothing left to train
+        if self.state.global_step >= self.state.max_steps:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
+    def _save_checkpoint(self, model, trial):
+        """The Trainer's checkpoint, which latest_checkpoint takes for complete once trainer_state.json is in
+        it: that file is written whole and last, and a save that fails (disk full, permission lost) removes the
+        folder it began and raises faults.WriteError naming it. A folder removed while the run was going is
+        not made anew (the Trainer would), so no half of a run is written into a name another run may take."""
+        folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
+        if not folder.parent.is_dir():
+            raise faults.WriteError(errno.ENOENT, os.strerror(errno.ENOENT), str(folder))
+        state, save = self.state, type(self.state).save_to_json
+        state.save_to_json = lambda path: faults.replace_whole(path, lambda tmp: save(state, str(tmp)))
+        try:
+            super()._save_checkpoint(model, trial)
+        except Exception as error:
+            fault = faults.as_write_error(error, folder)
+            if fault is None:
+                raise
+            if self.is_world_process_zero():
+                shutil.rmtree(folder, ignore_errors=True)
+            raise fault from error
+        finally:
+            del state.save_to_json
+
     def _get_train_sampler(self, train_dataset=None):
         sampler = super()._get_train_sampler(train_dataset)
         if type(sampler) is LengthGroupedSampler:
@@ -328,14 +366,30 @@ def resume_checkpoint(config: dict, checkpoints: Path, main_process: bool = True
     return str(checkpoint) if checkpoint else None
 
 
+def resume_hint(checkpoints: Path, config: dict, run_name: str) -> str:
+    """What a run stopped by a fault or a signal keeps of its training, and the command that goes on from it."""
+    kept = latest_checkpoint(checkpoints)
+    if kept is None:
+        return f"no complete checkpoint is in {checkpoints}: run again with the same arguments"
+    return (f"the last complete checkpoint is {kept}: continue with the same arguments plus resume=True "
+            f"run_name={run_name} output_dir={config['output_dir']}")
+
+
 @contextmanager
 def guarded(trainer, stop: StopOnSignal, checkpoints: Path, config: dict, loggers):
     """Around trainer.train(), whose callbacks include `stop.callback()`: Ctrl-C or SIGTERM finishes the
     step, saves a checkpoint and exits with the command that resumes; a non-finite loss (check_loss) ends
-    in one error line naming the last good checkpoint. Both finish the loggers first."""
+    in one error line naming the last good checkpoint. A checkpoint that cannot be written (LabTrainer removes
+    what it began) and a second signal, which stops at once, end in one line naming the last complete
+    checkpoint and the command that continues from it. All of them finish the loggers first."""
+    hint = lambda: f"no results written; {resume_hint(checkpoints, config, trainer.args.run_name)}"
     try:
-        with stop:
+        with stop, faults.stage("training (a second signal stops at once, without a checkpoint)", hint):
             yield
+    except (LabError, KeyboardInterrupt):
+        if loggers:
+            loggers.finish()
+        raise
     except NonFiniteLossError as error:
         if loggers:
             loggers.finish()

@@ -10,12 +10,15 @@ import os
 import platform
 import random
 import shutil
+import signal
 import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+
+import faults
 
 
 class LabError(Exception):
@@ -218,14 +221,21 @@ def _set(config: dict, key: str, value) -> None:
 def run_cli(main) -> None:
     """Run `main(argv)` as a script: user errors print one line and exit with code 2; an int that
     `main` returns is the exit status (other return values, like a run folder, mean success)."""
+    # SIGTERM as an exception, as Ctrl-C is: the run unwinds through its stages (faults.stage) and cleans up
+    previous = signal.signal(signal.SIGTERM, faults.raise_interrupted)
     try:
         status = main(sys.argv[1:])
-    except LabError as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (LabError, faults.WriteError) as error:    # a write outside any stage left nothing half-written either
+        faults.end_progress_bars()
+        message = error if isinstance(error, LabError) else faults.write_fault(error, "nothing half-written was left")
+        print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        raise SystemExit(130)
+    except KeyboardInterrupt as interrupt:
+        faults.end_progress_bars()
+        print(str(interrupt) or "interrupted", file=sys.stderr)     # Ctrl-C outside any stage carries no text
+        raise SystemExit(128 + getattr(interrupt, "number", signal.SIGINT))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if isinstance(status, int):
         raise SystemExit(status)
 
@@ -389,14 +399,12 @@ def prepare_run_dir(output_dir: str, run_name: str | None, exercise: str,
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that no reader, in this run or another, ever sees a partial file: a temporary
-    file named for this process alone, in the same folder, is flushed to disk and then renamed over `path`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
-    try:
+    file named for this process alone, in the same folder, is flushed to disk and then renamed over `path`
+    (faults.replace_whole). A failed write is a faults.WriteError naming `path`."""
+    def write(tmp: Path):
         with open(tmp, "xb") as file:
             file.write(data)
             file.flush()
             os.fsync(file.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    faults.replace_whole(path, write)

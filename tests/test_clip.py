@@ -120,12 +120,12 @@ def test_max_classes_subsampling_and_name_styles(tiny_imagenet_dir, tmp_path):
     names_file.write_text(json.dumps({"n02124075": "cat"}))
     assert images.readable_class_names(["n02124075", "n04067472"], str(names_file),
                                      tiny_imagenet_dir / "words.txt") == ["cat", "reel"]
-    # two ids with one readable name stay apart; folder names lose underscores
+    # folder names lose underscores; two ids with one readable name are refused (test_data_images.py has every source)
     assert images.readable_class_names(["a", "b_c", "d"], "first", None) == ["a", "b c", "d"]
     words = tmp_path / "words.txt"
     words.write_text("n00000001\tbass, fish\nn00000002\tbass, guitar")
-    assert images.readable_class_names(["n00000001", "n00000002"], "first", words) == \
-        ["bass (n00000001)", "bass (n00000002)"]
+    with pytest.raises(LabError, match=r"'n00000001' \('bass', .* and 'n00000002' \('bass', .*\{\"n00000002\": \"guitar\"\}"):
+        images.readable_class_names(["n00000001", "n00000002"], "first", words)
     with pytest.raises(LabError, match="class_names"):
         images.readable_class_names(["a"], "nonsense")
 

@@ -241,3 +241,72 @@ def test_exercise_3_answers_bad_image_data_in_one_line(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith("error: max_classes=1 leaves one class"), result.stderr
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir()), "no run folder for bad data"
+
+
+# ---------------------------------------------------------------------------------------------
+# Class names that are one name once case and spacing are ignored, from every source
+# ---------------------------------------------------------------------------------------------
+
+def colliding_dataset(tmp_path, source: str):
+    """(load(class_names) -> the splits, the two colliding class ids, a fragment of the message naming the source)."""
+    import json
+
+    if source in ("words.txt", "words.txt all"):
+        root = release_layout(tmp_path / "release")
+        (root / "words.txt").write_text("n00000001\tcrane\nn00000002\tCrane , derrick\n")
+        style = "all" if source == "words.txt all" else "first"
+        if style == "all":
+            (root / "words.txt").write_text("n00000001\tcrane\nn00000002\t Crane\n")
+        return (lambda names: images.load_image_dataset(str(root), class_names=names or style),
+                ("n00000001", "n00000002"), f"in {root / 'words.txt'}")
+    if source == "shipped":           # a folder named by its WordNet id gets the shipped name "Egyptian cat"
+        root = image_folder(tmp_path / "d", classes=("egyptian_cat", "n02124075"))
+        return (lambda names: images.load_image_dataset(str(root), class_names=names or "first"),
+                ("egyptian_cat", "n02124075"), "its first WordNet synonym in class_names/tiny_imagenet_wordnet.json")
+    if source == "class_names file":
+        root = image_folder(tmp_path / "d", classes=("ant", "bee"))
+        (tmp_path / "mine.json").write_text(json.dumps({"ant": "Tabby cat", "bee": "tabby  cat "}))
+        return (lambda names: images.load_image_dataset(str(root), class_names=names or str(tmp_path / "mine.json")),
+                ("ant", "bee"), f"from {tmp_path / 'mine.json'}")
+    if source == "folders":
+        root = image_folder(tmp_path / "d", classes=("Golden Retriever", "golden_retriever"))
+        return (lambda names: images.load_image_dataset(str(root), class_names=names or "first"),
+                ("Golden Retriever", "golden_retriever"), "its name in the dataset")
+    from datasets import ClassLabel, Dataset, DatasetDict, Features
+    from datasets import Image as ImageFeature
+
+    features = Features({"image": ImageFeature(), "label": ClassLabel(names=["Tabby cat", "tabby cat "])})
+    table = Dataset.from_dict({"image": [{"bytes": b"x", "path": None}] * 4, "label": [0, 1] * 2}, features=features)
+    return (lambda names: images.hub_image_splits(DatasetDict({"train": table, "validation": table}),
+                                                  class_names=names or "first"),
+            ("Tabby cat", "tabby cat "), "its name in the dataset")
+
+
+@pytest.mark.parametrize("source", ["words.txt", "words.txt all", "shipped", "class_names file", "folders", "hub"])
+def test_class_names_that_collide_are_refused_unless_class_names_makes_them_unique(tmp_path, source):
+    import json
+
+    load, (first, second), named = colliding_dataset(tmp_path, source)
+    with pytest.raises(LabError) as refused:
+        load(None)
+    message = str(refused.value)
+    assert message.startswith(f"class names collide (the same once case and spacing are ignored): {first!r} (")
+    assert f" and {second!r} (" in message and named in message and "\n" not in message
+    assert "set class_names=<a JSON file> that renames one of them, e.g. {" in message
+    if source == "words.txt":                      # another synonym of the second class is the suggested name
+        assert 'e.g. {"n00000002": "derrick"}' in message
+
+    (tmp_path / "unique.json").write_text(json.dumps({second: "a name of its own", first: "tabby cat"}))
+    names = load(str(tmp_path / "unique.json"))["train"].features["label"].names
+    assert sorted(names) == ["a name of its own", "tabby cat"]
+
+
+def test_exercise_3_refuses_colliding_class_names_in_one_line(tmp_path):
+    root = image_folder(tmp_path / "d", classes=("Golden Retriever", "golden_retriever"))
+    result = subprocess.run([sys.executable, "exercise_3.py", f"dataset={root}", "model_name=unused",
+                             f"output_dir={tmp_path / 'runs'}", "wandb_mode=disabled"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=180)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert lines[0].startswith("error: class names collide (the same once case and spacing are ignored): "
+                               "'Golden Retriever' ('Golden Retriever', its name in the dataset) and 'golden_retriever'")
