@@ -25,11 +25,13 @@ import images
 import losses
 import pixels
 import training
+import zero_shot_metadata
 from utils import LabError
 
 
 # Prompt sets. "single" is CLIP's default; "ensemble" is a small set of our own that suits
-# small, low-resolution 64x64 pictures. Features are averaged over a set's templates.
+# small, low-resolution 64x64 pictures; "imagenet80" is the CLIP authors' 80 ImageNet templates
+# (zero_shot_metadata.py). Features are averaged over a set's templates.
 TEMPLATES = {
     "single": ("a photo of a {}.",),
     "ensemble": (
@@ -42,6 +44,7 @@ TEMPLATES = {
         "a photo of one {}.",
         "a picture showing a {}.",
     ),
+    "imagenet80": zero_shot_metadata.imagenet_templates(),
 }
 
 

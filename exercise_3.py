@@ -37,13 +37,13 @@ CONFIG = {
     # what to run on: a Hub id or a local folder for each
     "model_name": "openai/clip-vit-base-patch16",  # Hub id or local folder of a CLIP model
     "dataset": "zh-plus/tiny-imagenet",  # or the release folder (wnids.txt, train/, val/), or an ImageFolder
-    "class_names": "first",          # "first" WordNet synonym, "all" synonyms, or a JSON file {id: name}
+    "class_names": "clip",           # "clip": the CLIP authors' names where known, else "first" WordNet synonym; "all"; or a JSON file {id: name}
     "max_classes": None,             # None = all; else the first N classes
     "max_train_samples": None,       # None = all; subsamples are stratified and seeded
     "max_eval_samples": None,        # None = all; validation and test subsamples, stratified and seeded
     "bad_images": "skip",            # unreadable images: "skip" (warn, count in results.json) or "fail"
     # zero-shot classification
-    "prompts": "single",             # "single" ("a photo of a {}.") or "ensemble" (features averaged)
+    "prompts": "single",             # "single" ("a photo of a {}."), "ensemble" (8, ours) or "imagenet80" (CLIP's 80); features averaged
     "eval_batch_size": 32,           # images per forward pass when evaluating (on a CPU larger batches outgrow the caches; a GPU may take more)
     # fine-tuning
     "loss": "clip",                  # "clip": in-batch symmetric contrastive (the reference); "class": vs all classes

@@ -17,6 +17,7 @@ import numpy as np
 
 import data
 import hub
+import zero_shot_metadata
 from data import SPLIT_ALIASES, carve_split, subsample_rows
 from utils import LabError
 
@@ -25,6 +26,8 @@ IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 
 WORDNET_ID = re.compile(r"^n\d{8}$")
+
+NAME_STYLES = ("clip", "first", "all")      # class_names values that are not a file
 
 
 # Shipped with the project: the WordNet synonyms of Tiny ImageNet's 200 classes, for data whose labels are
@@ -49,16 +52,18 @@ def read_wordnet_words(words_file: Path) -> dict:
 def readable_class_names(raw_names: list[str], style: str = "first", words_file: Path | None = None) -> list[str]:
     """Readable names for prompts, one per class and all distinct (check_unique_names).
 
-    `raw_names` are WordNet ids or folder names. `style`: "first" (first WordNet synonym),
-    "all" (every synonym, as in words.txt), or the path of a JSON file {raw name: readable name}
-    (classes it leaves out fall back to "first"). Synonyms come from `words_file` (a release's words.txt)
+    `raw_names` are WordNet ids or folder names. `style`: "clip" (the CLIP authors' curated ImageNet name,
+    zero_shot_metadata.py, for the ids it knows; else "first"), "first" (first WordNet synonym), "all" (every
+    synonym, as in words.txt), or the path of a JSON file {raw name: readable name} (classes it leaves out fall
+    back to "first"). Synonyms come from `words_file` (a release's words.txt)
     and, for the ids it lacks, from the names shipped for Tiny ImageNet. Folder names lose their underscores.
     """
     custom = {}
-    if style not in ("first", "all"):
+    if style not in NAME_STYLES:
         custom_file = Path(style).expanduser()
         if not custom_file.is_file():
-            raise LabError(f"class_names must be 'first', 'all' or a JSON file of names; {style!r} is none of these")
+            raise LabError(f"class_names must be 'clip', 'first', 'all' or a JSON file of names; {style!r} is none "
+                           f"of these")
         custom = read_class_names_file(custom_file)
         unused = sorted(set(custom) - set(raw_names))
         if len(unused) == len(custom):
@@ -66,11 +71,16 @@ def readable_class_names(raw_names: list[str], style: str = "first", words_file:
                   f"(e.g. {unused[0]!r}; classes are e.g. {list(raw_names[:3])})", file=sys.stderr)
     own = read_wordnet_words(words_file) if words_file else {}
     words = {**shipped_wordnet_words(), **own}
+    curated = zero_shot_metadata.clip_class_names() if style == "clip" else {}
     names, sources = [], []     # where each name comes from, for the message when two collide
     for raw in raw_names:
         if raw in custom:
             names.append(str(custom[raw]))
             sources.append(f"from {custom_file}")
+        elif raw in curated:
+            names.append(curated[raw])
+            sources.append(f"CLIP's name in {zero_shot_metadata.CLIP_CLASS_NAMES.parent.name}/"
+                           f"{zero_shot_metadata.CLIP_CLASS_NAMES.name}")
         elif raw in words:
             names.append(words[raw] if style == "all" else words[raw].split(",")[0].strip())
             sources.append(f"{'its WordNet synonyms' if style == 'all' else 'its first WordNet synonym'} in "
