@@ -382,13 +382,13 @@ def fit_seconds_estimate(make, features: np.ndarray, labels: np.ndarray, seed: i
 def predict_scored(classifier, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Predicted class ids and a score for each: logistic regression's probability of that class, an SVC's
     decision value for it (its margin from the boundary, in standardized feature units; larger = surer)."""
-    predicted = classifier.predict(features)
     if hasattr(classifier, "predict_proba"):
-        probabilities = classifier.predict_proba(features)
+        predicted, probabilities = classifier.predict(features), classifier.predict_proba(features)
         return predicted, probabilities[np.arange(len(predicted)), np.searchsorted(classifier.classes_, predicted)]
     decision = classifier.decision_function(features)
-    if decision.ndim == 1:                    # two classes: one signed margin, > 0 means the second class
-        return predicted, np.abs(decision)
+    if decision.ndim == 1:  # two classes: one signed margin, > 0 the second class (one kernel pass, not predict's too)
+        return classifier.classes_[(decision > 0).astype(int)], np.abs(decision)
+    predicted = classifier.predict(features)  # an SVC's many classes vote one against one: its own predict
     return predicted, decision[np.arange(len(predicted)), np.searchsorted(classifier.classes_, predicted)]
 
 
