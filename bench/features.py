@@ -6,6 +6,12 @@ two sides; the median round counts. Efficiency is the extractor's useful FLOP/s 
 real, unpadded token counts; end-to-end time including tokenization) divided by an fp32
 square-matmul FLOP/s measured right before and after it, in the same round.
 
+The peer: sentence-transformers' `SentenceTransformer(<model>).encode`, what users of all-MiniLM-L6-v2
+reach for, with its defaults (batch 32, the model's own modules: mean pooling, then Normalize for MiniLM).
+Our extractor runs mean-pooled against it (whatever --pooling is), alternating rounds as above; the
+ratio is their seconds / ours (goal >= 1: keep ahead of it), and the cosine between each text's two
+vectors (the minimum over texts) says they are the same features up to normalisation.
+
     python -m bench.features                          # real MiniLM, 1000 sentences
     python -m bench.features --smoke --model <folder> # a few seconds, any small encoder
 """
@@ -30,6 +36,55 @@ def pipeline_features(model_name: str, texts: list[str], pooling: str, max_lengt
     if pooling == "cls":
         return np.array([output[0][0] for output in outputs], dtype=np.float32)
     return np.array([np.mean(output[0], axis=0) for output in outputs], dtype=np.float32)
+
+
+def load_peer(model_name: str):
+    """sentence-transformers' SentenceTransformer on the model folder, on the CPU, as its users load it."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(model_name, device="cpu")
+
+
+def peer_features(peer, texts: list[str]) -> np.ndarray:
+    """What a sentence-transformers user runs: `encode` with its defaults (batch 32, its modules' pooling and
+    normalisation, its own max_seq_length)."""
+    return peer.encode(texts, convert_to_numpy=True)
+
+
+def cosines(ours: np.ndarray, theirs: np.ndarray) -> np.ndarray:
+    """Each row's cosine similarity between the two feature sets."""
+    ours, theirs = ours.astype(np.float64), theirs.astype(np.float64)
+    return (ours * theirs).sum(1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(theirs, axis=1)).clip(min=1e-12)
+
+
+def compare_with_peer(model, tokenizer, model_name: str, texts: list[str], max_length: int, batch_size: int,
+                      repeats: int) -> dict:
+    """Our mean-pooled extraction vs sentence-transformers' encode on the same texts: rounds, speed ratio,
+    cosines. A model sentence-transformers cannot load gives {"skipped": why}."""
+    import sentence_transformers
+
+    try:
+        peer = load_peer(model_name)
+    except Exception as error:  # noqa: BLE001 - any failure of the optional peer is reported, not fatal
+        return {"skipped": f"sentence-transformers cannot load {model_name}: {type(error).__name__}: {error}"}
+
+    def ours():
+        return exercise_1.extract_features(model, tokenizer, texts, "mean", max_length, batch_size, "cpu",
+                                           desc="bench features (mean)")
+
+    exercise_1.extract_features(model, tokenizer, texts[:32], "mean", max_length, batch_size, "cpu")  # warm-up
+    peer_features(peer, texts[:32])
+    rounds, our_features, their_features = common.paired_rounds(ours, lambda: peer_features(peer, texts), repeats)
+    similarity = cosines(our_features, their_features)
+    modules = [type(module).__name__ for module in peer]
+    return {"library": f"sentence-transformers {sentence_transformers.__version__}", "modules": modules,
+            "batch_size": 32, "max_seq_length": peer.max_seq_length, "normalizes": "Normalize" in modules,
+            "ours_pooling": "mean", "rounds": len(rounds),
+            "ours_sentences_per_s": round(common.median(len(texts) / r["ours_s"] for r in rounds), 1),
+            "peer_sentences_per_s": round(common.median(len(texts) / r["theirs_s"] for r in rounds), 1),
+            "speed_ratio": round(common.median(r["theirs_s"] / r["ours_s"] for r in rounds), 2),
+            "per_round_speed_ratio": [round(r["theirs_s"] / r["ours_s"], 2) for r in rounds],
+            "cosine_min": float(similarity.min()), "cosine_median": float(np.median(similarity))}
 
 
 # aten ops by what they do; an op's self time counts once, under the first group whose word its name holds
@@ -80,6 +135,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="rounds of both sides; the median round counts")
     parser.add_argument("--profile", action="store_true",
                         help="also profile one extraction: shares of its time by op group (torch.profiler)")
+    parser.add_argument("--no-peer", action="store_true", help="leave out the sentence-transformers comparison")
     args = common.parse_args(parser, "tiny run: 32 sentences, one repeat, small matmul", common.minilm)
     n = 32 if args.smoke else args.sentences
     args.repeats = 1 if args.smoke else args.repeats
@@ -105,6 +161,10 @@ def main() -> None:
     speedup = common.median(r["theirs_s"] / r["ours_s"] for r in rounds)
     efficiencies = [flops / r["ours_s"] / r["matmul_flops_per_s"] for r in rounds]
     efficiency = common.median(efficiencies)
+    peer = ({"skipped": "--no-peer"} if args.no_peer else
+            compare_with_peer(model, tokenizer, args.model, texts, args.max_length, args.batch_size, args.repeats))
+    peer_ratio = peer.get("speed_ratio")
+    targets = {"speedup": 3.0, "efficiency": 0.8, **({"peer_speed_ratio": 1.0} if peer_ratio is not None else {})}
     common.emit({
         "bench": "features", "model": args.model, "sentences": len(texts), "tokens": int(sum(lengths)),
         "pooling": args.pooling, "batch_size": args.batch_size, "rounds": len(rounds),
@@ -120,8 +180,11 @@ def main() -> None:
                        "efficiency": common.significant(flops / r["ours_s"] / r["matmul_flops_per_s"])} for r in rounds],
         "efficiency_spread": [common.significant(min(efficiencies)), common.significant(max(efficiencies))],
         **({"profile": profile_breakdown(model, tokenizer, texts, args.pooling, args.max_length, args.batch_size)} if args.profile else {}),
-        "targets": {"speedup": 3.0, "efficiency": 0.8},
-        "met": speedup >= 3.0 and efficiency >= 0.8,
+        # sentence-transformers' encode on the same texts: their seconds / ours, and the features' cosines
+        "peer": peer, **({"peer_speed_ratio": peer_ratio, "peer_cosine_min": peer["cosine_min"]} if peer_ratio is not None else {}),
+        "ratios": ["speedup", "efficiency", *(["peer_speed_ratio", "peer_cosine_min"] if peer_ratio is not None else [])],
+        "targets": targets,
+        "met": speedup >= 3.0 and efficiency >= 0.8 and (peer_ratio is None or peer_ratio >= 1.0),
     }, args.results_file)
 
 

@@ -3,7 +3,8 @@
 Reads the JSON lines the benches append to bench/results/*.jsonl and keeps the newest line of each
 (bench, model) pair, so the tiny CLIP's and the ViT-B/16 shape's runs of a bench get rows of their own.
 A line's ratios are the keys its "ratios" field names, else the keys of its "targets"; a ratio without
-a goal is printed with "-". The table is Markdown, ready for the README.
+a goal is printed with "-". A goal is a floor unless its key is in AT_MOST or in the line's "ceilings"
+(bench.scaling's growth exponents). The table is Markdown, ready for the README.
 
     python -m bench.table                        # bench/results/
     python -m bench.table --results-dir <folder>
@@ -40,14 +41,15 @@ def model_label(model) -> str:
 def rows(result: dict) -> list[tuple[str, float, str, str]]:
     """(measure, ratio, goal, met) for each ratio of one result; goal and met are "-" without a goal."""
     targets = result.get("targets", {})
+    ceilings = AT_MOST | set(result.get("ceilings", ()))
     measured = []
     for key in result.get("ratios") or targets:
         measure, ratio, goal = f"{result['bench']} ({model_label(result.get('model'))}): {key}", result[key], targets.get(key)
         if goal is None:
             measured.append((measure, ratio, "-", "-"))
         else:
-            met = ratio <= goal if key in AT_MOST else ratio >= goal
-            measured.append((measure, ratio, f"{'<=' if key in AT_MOST else '>='} {goal:g}", "yes" if met else "no"))
+            met = ratio <= goal if key in ceilings else ratio >= goal
+            measured.append((measure, ratio, f"{'<=' if key in ceilings else '>='} {goal:g}", "yes" if met else "no"))
     return measured
 
 

@@ -55,6 +55,11 @@ def test_features_smoke(tiny_distilbert):
     assert set(shares) == {"matmul", "attention", "layer_norm", "gelu", "softmax", "other_ops", "tokenize",
                            "python_and_dispatch"}
     assert result["profile"]["wall_s"] > 0 and shares["matmul"] > 0 and 0.95 <= sum(shares.values()) <= 1.05
+    # sentence-transformers' encode on the same sentences (the tiny DistilBERT loads with mean pooling)
+    peer = result["peer"]
+    assert peer["library"].startswith("sentence-transformers") and peer["rounds"] == 1 and peer["batch_size"] == 32
+    assert result["peer_cosine_min"] == peer["cosine_min"] > 0.999 and result["peer_speed_ratio"] > 0
+    assert result["targets"]["peer_speed_ratio"] == 1.0 and result["ratios"][-2:] == ["peer_speed_ratio", "peer_cosine_min"]
 
 
 def test_finetune_smoke(tiny_distilbert):
@@ -131,6 +136,41 @@ def test_transform_smoke(tiny_imagenet_dir):
     assert result["within_tolerance"] is True and result["max_abs_difference"] <= result["tolerance"]["max_abs"]
     assert result["stock_images_per_s"] > 0 and result["batched_images_per_s"] > 0 and result["forward_images_per_s"] > 0
     assert set(result["pipeline_images_per_s_by_workers"]) == {"0", "1", "2"} and result["targets"] == {"speedup": 2.0}
+
+
+def test_scaling_smoke(tiny_distilbert, tiny_imagenet_dir, clip_tokenizer_dir):
+    """Every stage at every size, an exponent between consecutive sizes; the largest pair's a ceiling, the exact SVC's
+    exempt."""
+    from bench import table
+
+    result = run_bench("scaling.py", "--model", tiny_distilbert)
+    ex1 = result["exercise_1"]
+    assert ex1["sizes"] == [100, 200, 400] and [r["n"] for r in ex1["extraction"]] == [100, 200]
+    assert ex1["svc_solvers"] == {"100": "exact", "200": "approximate", "400": "approximate"}  # threshold 150 in smoke
+    exponents = [key for key in result["ratios"] if "_exp_" in key]
+    assert len(exponents) == 2 + 3 * 2 * 2 + 2 * 2 + 2 + 2 + 2  # ex1 extract, fits, predict; ex2; ex3; loading
+    assert set(result["exempt"]) == {f"ex1_svc_{stage}_{what}_exp_100_200" for stage in ("fit", "predict")
+                                     for what in ("time", "memory")}
+    lower = {f"ex1_logreg_fit_{what}_exp_100_200" for what in ("time", "memory")}  # the goal: each stage's largest pair
+    assert set(result["without_goal"]) == lower
+    assert set(result["targets"]) == set(result["ceilings"]) == set(exponents) - set(result["exempt"]) - lower
+    assert all(isinstance(result[key], float) for key in result["ratios"])
+    assert all(goal == "<= 1.1" for _, _, goal, _ in table.rows(result) if goal != "-")
+    assert [(r["rows"], r["steps"]) for r in result["exercise_2"]] == [(64, 3), (256, 3)]
+    assert [r["n"] for r in result["exercise_3"]] == [8, 16] and result["exercise_3"][0]["images_per_s"] > 0
+    assert [(r["rows"], r["splits"]["train"]) for r in result["loading"]] == [(1000, 500), (4000, 500)]
+    text = result["megabyte_text"]
+    assert text["text_chars"] == int(0.05 * 2 ** 20) and text["text_tokens_kept"] == 128 and text["normal_features_unchanged"]
+
+
+def test_table_reads_ceilings_from_the_line():
+    """A line's "ceilings" make its goals upper bounds (bench.scaling's exponents); other goals stay floors."""
+    from bench import table
+
+    line = {"bench": "scaling", "model": "m", "a_exp": 1.3, "b_exp": 0.9, "c": 2.0, "ratios": ["a_exp", "b_exp", "c"],
+            "targets": {"a_exp": 1.1, "b_exp": 1.1, "c": 1.5}, "ceilings": ["a_exp", "b_exp"]}
+    assert table.rows(line) == [("scaling (m): a_exp", 1.3, "<= 1.1", "no"), ("scaling (m): b_exp", 0.9, "<= 1.1", "yes"),
+                                ("scaling (m): c", 2.0, ">= 1.5", "yes")]
 
 
 def test_table_keeps_the_newest_line_of_each_bench_and_model(tmp_path):
