@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import math
 import os
+import re
 import select
 import signal
 import struct
@@ -29,6 +30,15 @@ import test_exercise_3
 pytestmark = pytest.mark.slow
 
 STORE_PORT = 29500     # inside the namespaces, which nothing else uses: no collision with other runs
+
+
+# a file (or a file inside a folder) written under faults.replace_whole's hidden temporary name, then renamed
+TEMPORARY = re.compile(r"^\.(.+)\.\d+-[0-9a-f]{8}\.tmp$")
+
+
+def whole_name(path: Path) -> Path:
+    """The name a written file has once its temporary name is renamed into place."""
+    return Path(*(TEMPORARY.sub(r"\1", part) for part in path.parts))
 
 
 @dataclass(frozen=True)
@@ -130,7 +140,7 @@ class WriteWatch:
                 self.hosts[pid] = self.namespaces.get(namespace, f"another namespace ({namespace})")
             except OSError:
                 self.hosts[pid] = f"pid {pid}, exited before its first write was read"
-        self.writes[Path(path).relative_to(self.root)][self.hosts[pid]] += 1
+        self.writes[whole_name(Path(path).relative_to(self.root))][self.hosts[pid]] += 1
 
     def stop(self) -> dict:
         """Stop watching (again: a no-op); what was written, and by which host."""
