@@ -22,7 +22,21 @@ from test_clip import image_folder
 from test_write_faults import cli, ex1_args, ex2_args, ex3_args, hidden_leftovers
 from tools import build_tiny_clip
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "ctrl_c_delivered")
+
+
+def default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture
+def ctrl_c_delivered():
+    """Ctrl-C as a terminal delivers it: a shell that starts a job in the background without job control (a CI
+    runner, `nohup ... &`) sets SIGINT to be ignored, and its children inherit that, so no KeyboardInterrupt
+    would ever come. Here and in the children these tests start, SIGINT is what it is in a terminal."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +87,7 @@ def test_a_signal_during_features_keeps_the_cache_entries_and_the_rerun_reuses_t
                                                                                    number, capsys):
     args = ex1_args(tiny_distilbert, rt_dir, tmp_path)
     process = subprocess.Popen([sys.executable, "-c", SLOW_VALIDATION, *args], cwd=ROOT, stderr=subprocess.PIPE,
-                               text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                               text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=default_sigint)
     for line in process.stderr:
         if line.startswith("MARKER"):
             break
