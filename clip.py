@@ -265,9 +265,9 @@ def evaluate_zero_shot(model, classifier: torch.Tensor, class_names: list[str], 
             skipped += batch.get("skipped_images", [])
             if len(batch["labels"]):
                 logits = zero_shot_logits(model, batch["pixel_values"], classifier, precision)
-                top = logits.topk(k, dim=-1)
-                best.append(top.indices.cpu().numpy())
-                scores.append((top.values[:, 0] - logits.logsumexp(dim=-1)).exp().cpu().numpy())
+                top, probability = evaluate.top_classes(logits, k)
+                best.append(top)
+                scores.append(probability)
                 labels.append(batch["labels"].numpy())
                 rows.append(offset + np.flatnonzero(batch["kept"].numpy()))
             offset += len(batch["kept"])
@@ -297,10 +297,9 @@ class CLIPTrainer(training.LabTrainer):
     loss="clip": the symmetric in-batch contrastive loss (each image's own class prompt as its text).
     loss="class": each image against all class prompts (tokens from the collator), so same-class
     images are not false negatives. Evaluation is zero-shot classification of `class_names` with
-    `templates`, its head built anew from the text tower as training has left it.
+    `templates`, its head built anew from the text tower as training has left it: ZeroShotEvaluation runs it
+    wherever the Trainer's schedule (eval_strategy, eval_steps) asks for an evaluation.
     """
-
-    loss_is_scaled_for_ga = False     # compute_loss returns a per-batch mean
 
     def __init__(self, *args, class_names: list[str], templates=TEMPLATES["single"], loss: str = "clip", **kwargs):
         super().__init__(*args, **kwargs)
@@ -309,6 +308,7 @@ class CLIPTrainer(training.LabTrainer):
         self.loss, self.class_names, self.templates = loss, list(class_names), tuple(templates)
         self.skipped_images = set()
         self.images_trained = 0           # readable training images seen, to refuse a split with none
+        self.add_callback(ZeroShotEvaluation(self))   # last, so it sees what every other callback asked for
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self.skipped_images.update(inputs.get("skipped_images", []))
@@ -356,20 +356,35 @@ class CLIPTrainer(training.LabTrainer):
                            f"nothing was learned: check the image files")
         return output
 
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
-        """Zero-shot classification of the eval set with a head built from the text tower as it is now."""
-        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+    def zero_shot_evaluation(self) -> dict:
+        """Zero-shot classification of the eval set with a head built from the text tower as it is now; its
+        metrics (eval_accuracy, ...) are logged at the current step, and returned."""
         precision = "bf16" if self.args.bf16 else "fp16" if self.args.fp16 else "no"   # as training computes
         classifier = build_zero_shot_classifier(self.model, self.processing_class, self.class_names, self.templates,
                                                 precision=precision)
-        result = evaluate_zero_shot(self.model, classifier, self.class_names, dataset, self.data_collator,
+        result = evaluate_zero_shot(self.model, classifier, self.class_names, self.eval_dataset, self.data_collator,
                                     self.args.per_device_eval_batch_size, self.args.dataloader_num_workers,
                                     desc=f"zero-shot eval (step {self.state.global_step})", precision=precision)
-        metrics = {f"{metric_key_prefix}_{name}": value for name, value in result.metrics.items()}
-        metrics[f"{metric_key_prefix}_images_per_second"] = result.images_per_second
+        metrics = {f"eval_{name}": value for name, value in result.metrics.items()}
+        metrics["eval_images_per_second"] = result.images_per_second
         self.log(metrics)
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+
+class ZeroShotEvaluation(TrainerCallback):
+    """Where the Trainer's schedule asks for an evaluation (eval_strategy, eval_steps, as the other callbacks such
+    as StopOnSignal's leave it), runs the CLIPTrainer's zero-shot evaluation instead and withdraws the request: the
+    Trainer's own would put the model through its generic prediction loop, which knows no class prompts."""
+
+    def __init__(self, trainer: CLIPTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_evaluate:
+            control.should_evaluate = False
+            self.trainer.zero_shot_evaluation()
+
+    on_epoch_end = on_step_end
 
 
 class AugmentationEpoch(TrainerCallback):

@@ -19,6 +19,7 @@ checkpoints saved before it.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -94,6 +95,7 @@ NON_NEGATIVE, FRACTIONS, INTEGERS = training.NON_NEGATIVE, training.FRACTIONS, t
 def main(argv: list[str] | None = None, callbacks=()):
     """Run exercise 2; `callbacks`: extra TrainerCallbacks (e.g. EarlyStoppingCallback)."""
     from accelerate import PartialState
+    from transformers import TrainingArguments
 
     # 1. config; torchrun has already started the processes, PartialState joins them up
     config = utils.parse_config(CONFIG, argv or [], CHOICES, POSITIVE, __file__, non_negative=NON_NEGATIVE,
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None, callbacks=()):
     # 3. the model: pretrained encoder + fresh head (seeded), optionally wrapped with LoRA adapters
     with utils.timed(timing, "load_model"):
         utils.set_seed(config["seed"])
-        model, tokenizer = load_classifier(config["model_name"], label_names, config["trust_remote_code"])
+        model, tokenizer = load_sequence_classifier(config["model_name"], label_names, config["trust_remote_code"])
         if config["lora"]["enabled"]:
             model = LoRA.apply_lora(model, config["lora"])
     trainable, total = LoRA.count_parameters(model)
@@ -130,13 +132,23 @@ def main(argv: list[str] | None = None, callbacks=()):
     # 5. the run folder (one for all processes) and loggers, once data and model are in hand
     run_dir, loggers = training.start_trainer_run(config, distributed, "exercise_2")
 
-    # 6. TrainingArguments: the shared keys (training.py) plus this exercise's evaluation and checkpoint plan:
-    #    evaluate and save together, so the checkpoint best on validation can be the one tested
-    args = training.training_arguments(
-        config, run_dir, run_dir.name, device, save_strategy=config["eval_strategy"],
-        save_steps=config["eval_steps"] if config["eval_strategy"] == "steps" else None,
+    # 6. TrainingArguments: how the model is optimised, then when it is evaluated and saved: together, so the
+    #    checkpoint best on validation can be the one tested. The keys exercise 3 sets alike (reporters,
+    #    precision, pinned memory, logging) come from training.shared_arguments
+    every = config["eval_steps"] if config["eval_strategy"] == "steps" else None
+    args = TrainingArguments(
+        output_dir=str(run_dir), run_name=run_dir.name, seed=config["seed"],
+        learning_rate=training.learning_rate(config),  # lora.learning_rate with LoRA
+        num_train_epochs=config["num_train_epochs"], max_steps=config["max_steps"] or -1,  # -1: the epochs decide
+        per_device_train_batch_size=config["batch_size"], per_device_eval_batch_size=config["eval_batch_size"],
+        gradient_accumulation_steps=config["gradient_accumulation_steps"], weight_decay=config["weight_decay"],
+        warmup_steps=config["warmup"], lr_scheduler_type=config["lr_scheduler_type"],
+        max_grad_norm=config["max_grad_norm"],
+        train_sampling_strategy="group_by_length" if config["group_by_length"] else "random",
+        eval_strategy=config["eval_strategy"], eval_steps=every,
+        save_strategy=config["eval_strategy"], save_steps=every, save_total_limit=config["save_total_limit"],
         load_best_model_at_end=True, metric_for_best_model=config["metric_for_best_model"],
-        train_sampling_strategy="group_by_length" if config["group_by_length"] else "random")
+        **training.shared_arguments(config, device))
 
     # 7. the Trainer: the collator pads each batch, compute_metrics scores the argmax ids (evaluate.py)
     stop = training.StopOnSignal()
@@ -230,11 +242,11 @@ def make_collator(tokenizer, device: str):
     return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if device == "cuda" else None)
 
 
-def load_classifier(model_name: str, label_names: list[str], trust_remote_code: bool = False):
+def load_sequence_classifier(model_name: str, label_names: list[str], trust_remote_code: bool = False):
     """A pretrained encoder with a fresh classification head for `label_names`, and its tokenizer."""
     from transformers import AutoModelForSequenceClassification
 
-    source, tokenizer = hub.text_model_source(model_name, "exercise 2", trust_remote_code)
+    source, tokenizer = hub.text_source_and_tokenizer(model_name, "exercise 2", trust_remote_code)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             source, num_labels=len(label_names), id2label=dict(enumerate(label_names)),
@@ -242,9 +254,6 @@ def load_classifier(model_name: str, label_names: list[str], trust_remote_code: 
             trust_remote_code=trust_remote_code, use_safetensors=None)
     except ValueError as error:
         raise utils.LabError(f"{model_name} cannot be loaded for sequence classification: {error}") from None
-    # The classification loss is a plain batch mean that ignores the Trainer's `num_items_in_batch`;
-    # saying so stops the Trainer from multiplying it by the number of DDP processes (transformers 5.x).
-    model.accepts_loss_kwargs = False
     if tokenizer.pad_token is None:  # GPT-style tokenizers: pad with the end-of-text token
         tokenizer.pad_token = tokenizer.eos_token
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -256,31 +265,30 @@ def evaluate_stage(trainer, datasets) -> tuple[dict, dict, dict]:
     numbers per example are kept (evaluate.preprocess_logits_for_metrics), not every class's logit."""
     metrics, outputs, speed = {}, {}, {}
     for split in ("validation", "test"):
-        output = trainer.predict(datasets[split], metric_key_prefix=split)
+        with in_row_order(trainer):
+            output = trainer.predict(datasets[split], metric_key_prefix=split)
         values = {key[len(split) + 1:]: value for key, value in output.metrics.items()}
         speed[split] = values.pop("samples_per_second")
         metrics[split] = {key: value for key, value in values.items()
                           if key not in ("runtime", "steps_per_second", "model_preparation_time")}
-        predicted, scores = output.predictions
-        outputs[split] = in_row_order(trainer, datasets[split], output.label_ids, predicted, scores)
+        if not np.array_equal(output.label_ids, np.asarray(datasets[split]["label"])):
+            raise RuntimeError("Trainer.predict's labels are not the dataset's, row by row: the predictions written "
+                               "per row would belong to other texts")
+        outputs[split] = (output.label_ids, *output.predictions)
     return metrics, outputs, speed
 
 
-def in_row_order(trainer, dataset, *arrays) -> tuple:
-    """Trainer.predict's per-example outputs put back in the dataset's row order. With group_by_length
-    the Trainer also evaluates in a seeded, length-grouped order (transformers' _get_eval_sampler, built
-    anew and identically on every call), so its outputs are a permutation of the rows."""
-    sampler = trainer._get_eval_sampler(dataset)
-    order = np.arange(len(dataset)) if sampler is None else np.fromiter(iter(sampler), dtype=np.int64)
-    rows = []
-    for array in arrays:
-        array = np.asarray(array)
-        in_order = np.empty_like(array)
-        in_order[order] = array
-        rows.append(in_order)
-    if not np.array_equal(rows[0], np.asarray(dataset["label"])):
-        raise RuntimeError("evaluation order not recovered: Trainer.predict's labels differ from the dataset's")
-    return tuple(rows)
+@contextmanager
+def in_row_order(trainer):
+    """Inside the block, the Trainer evaluates a dataset's rows in their order, so that Trainer.predict returns
+    one output per row, row by row: its evaluation takes its order from train_sampling_strategy too, and
+    group_by_length would return a length-grouped permutation of the rows."""
+    strategy = trainer.args.train_sampling_strategy
+    trainer.args.train_sampling_strategy = "sequential"
+    try:
+        yield
+    finally:
+        trainer.args.train_sampling_strategy = strategy
 
 
 def peak_memory(device: str) -> dict:

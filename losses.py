@@ -31,7 +31,7 @@ def clip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale
     scored against the features of all processes."""
     scale = logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
     all_images, all_texts, offset = image_embeds, text_embeds, 0
-    if training.distributed():
+    if training.is_distributed():
         all_images, offset = gather_with_grad(image_embeds)
         all_texts, _ = gather_with_grad(text_embeds)
     targets = torch.arange(len(image_embeds), device=image_embeds.device) + offset

@@ -3,30 +3,24 @@ the run folder under torchrun, checkpoints and resume, one non-finite-loss polic
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
-import shutil
 import signal
 import sys
 import threading
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from transformers import Trainer
-from transformers.trainer_callback import ProgressCallback
-from transformers.trainer_pt_utils import LengthGroupedSampler
+from tqdm.auto import tqdm
+from transformers import ProgressCallback, TrainerCallback
 
 import devices
 import faults
 import loggers
+import trainer_internals
 import utils
 from utils import LabError
-
-# transformers 5 warns from inside its own Trainer/PEFT code paths: nothing a user of these scripts can change
-warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def trainer_reporters(config: dict) -> list[str]:
@@ -63,7 +57,7 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return max(complete, key=lambda path: int(path.name.split("-")[-1]), default=None)
 
 
-def distributed() -> bool:
+def is_distributed() -> bool:
     """True under torchrun (or any initialised process group) with more than one process."""
     import torch.distributed as dist
 
@@ -74,7 +68,7 @@ def process_share(count: int) -> range:
     """This process's contiguous share of `count` rows, in rank order (all of them in a single process):
     evaluation outside the Trainer splits its data this way, then joins the shares with accelerate's
     gather_object."""
-    if not distributed():
+    if not is_distributed():
         return range(count)
     import torch.distributed as dist
 
@@ -87,7 +81,7 @@ def largest_across_processes(value: int, device) -> int:
     processes agree on a decision, so they all take it at the same step."""
     import torch.distributed as dist
 
-    if not distributed():
+    if not is_distributed():
         return value
     tensor = torch.tensor(value, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
@@ -128,8 +122,6 @@ class StopOnSignal:
     def callback(self):
         """The TrainerCallback that stops training; pass it after the Trainer's own flow callback (any
         `callbacks=` entry is), so it can veto what that one schedules."""
-        from transformers import TrainerCallback
-
         stop = self
 
         class StopCallback(TrainerCallback):
@@ -229,29 +221,19 @@ def learning_rate(config: dict) -> float:
     return config["lora"]["learning_rate"] if config["lora"]["enabled"] else config["learning_rate"]
 
 
-def training_arguments(config: dict, output_dir: Path, run_name: str, device: str, **specific):
-    """TrainingArguments from the config keys exercises 2 and 3 share; `specific` adds each one's own."""
-    from transformers import TrainingArguments
-
+def shared_arguments(config: dict, device: str) -> dict:
+    """The TrainingArguments keys exercises 2 and 3 set alike, none of them part of what either teaches: where the
+    Trainer reports, the precision and pinned memory that suit the device, how often it logs, and the label key."""
     precision = devices.precision(config["mixed_precision"], device)
-    steps = config["eval_strategy"] == "steps"
-    return TrainingArguments(
-        output_dir=str(output_dir), run_name=run_name, report_to=trainer_reporters(config) or "none",
-        seed=config["seed"], learning_rate=learning_rate(config), num_train_epochs=config["num_train_epochs"],
-        max_steps=config["max_steps"] or -1, per_device_train_batch_size=config["batch_size"],
-        per_device_eval_batch_size=config["eval_batch_size"],
-        gradient_accumulation_steps=config["gradient_accumulation_steps"], weight_decay=config["weight_decay"],
-        warmup_steps=config["warmup"], lr_scheduler_type=config["lr_scheduler_type"],
-        max_grad_norm=config["max_grad_norm"], bf16=precision == "bf16", fp16=precision == "fp16",
-        eval_strategy=config["eval_strategy"], eval_steps=config["eval_steps"] if steps else None,
-        save_total_limit=config["save_total_limit"], logging_strategy="steps", logging_steps=config["logging_steps"],
-        label_names=["labels"], dataloader_pin_memory=devices.pin_memory(device),
-        use_cpu=device == "cpu",  # also what makes torchrun on CPU use DDP (gloo) instead of N separate runs
-        **specific)
+    return dict(report_to=trainer_reporters(config) or "none", bf16=precision == "bf16", fp16=precision == "fp16",
+                dataloader_pin_memory=devices.pin_memory(device),
+                use_cpu=device == "cpu",  # also what makes torchrun on CPU use DDP (gloo) instead of N separate runs
+                logging_strategy="steps", logging_steps=config["logging_steps"],
+                label_names=["labels"])   # the collators' key; the Trainer finds none in CLIP's forward itself
 
 
 # ---------------------------------------------------------------------------------------------
-# One non-finite-loss policy, a resumable batch order, and the guard around trainer.train()
+# One non-finite-loss policy, the Trainer both exercises use, and the guard around trainer.train()
 # ---------------------------------------------------------------------------------------------
 
 class NonFiniteLossError(RuntimeError):
@@ -268,92 +250,68 @@ def check_loss(loss: torch.Tensor, step: int) -> None:
         raise NonFiniteLossError(f"the loss became NaN or infinite at step {step} {where}")
 
 
-class LabTrainer(Trainer):
-    """The stock Trainer plus the non-finite-loss policy and a length-grouped order seeded by (seed, epoch),
-    so that a run resumed mid-epoch replays the same batches. Exercise 3's CLIPTrainer builds on it."""
+class LabTrainer(trainer_internals.ResumableTrainer):
+    """The stock Trainer plus the non-finite-loss policy, every loss the model's own batch mean, and readable
+    progress; trainer_internals adds a batch order a resumed run replays and checkpoints that are complete or
+    absent. Exercise 3's CLIPTrainer builds on it."""
+
+    loss_is_scaled_for_ga = False     # a per-batch mean: the Trainer divides it by the accumulation steps
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if self.pop_callback(ProgressCallback) is not None:
-            self.add_callback(ReadableProgress)
+            self.add_callback(ReadableProgress())
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # Without num_items_in_batch every model returns its batch mean, as loss_is_scaled_for_ga says. Given it, a
+        # model whose loss takes it divides its batch's sum by the count of the accumulated batch of all processes,
+        # one that ignores it still returns a mean, and the Trainer multiplies either by the number of processes.
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch=None)
         if model.training:      # evaluation computes losses too; only a training loss stops training
             check_loss(result[0] if return_outputs else result, self.state.global_step + 1)
         return result
 
-    def _run_epoch(self, *args, **kwargs):
-        # Resumed from the checkpoint of the last step (training had finished; a write fault or a signal stopped
-        # the run after it), the stock loop trains one step past max_steps: there is nothing left to train
-        if self.state.global_step >= self.state.max_steps:
-            self.control.should_training_stop = True
-            return None
-        return super()._run_epoch(*args, **kwargs)
 
-    def _save_checkpoint(self, model, trial):
-        """The Trainer's checkpoint, which latest_checkpoint takes for complete once trainer_state.json is in
-        it: that file is written whole and last, and a save that fails (disk full, permission lost) removes the
-        folder it began and raises faults.WriteError naming it. A folder removed while the run was going is
-        not made anew (the Trainer would), so no half of a run is written into a name another run may take."""
-        folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
-        if not folder.parent.is_dir():
-            raise faults.WriteError(errno.ENOENT, os.strerror(errno.ENOENT), str(folder))
-        state, save = self.state, type(self.state).save_to_json
-        state.save_to_json = lambda path: faults.replace_whole(path, lambda tmp: save(state, str(tmp)))
-        try:
-            super()._save_checkpoint(model, trial)
-        except Exception as error:
-            fault = faults.as_write_error(error, folder)
-            if fault is None:
-                raise
-            if self.is_world_process_zero():
-                shutil.rmtree(folder, ignore_errors=True)
-            raise fault from error
-        finally:
-            del state.save_to_json
+class ReadableProgress(TrainerCallback):
+    """In place of the Trainer's ProgressCallback: a bar labelled `train`, one labelled `evaluate` for each
+    evaluation or prediction, and each log as one readable line instead of a raw dict (main process only)."""
 
-    def _get_train_sampler(self, train_dataset=None):
-        sampler = super()._get_train_sampler(train_dataset)
-        if type(sampler) is LengthGroupedSampler:
-            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-            return SeededLengthGroupedSampler(sampler.batch_size, sampler.lengths, seed)
-        return sampler
-
-
-class SeededLengthGroupedSampler(LengthGroupedSampler):
-    """The stock sampler draws from the global RNG when an epoch starts, which a resume cannot replay."""
-
-    def __init__(self, batch_size: int, lengths: list[int], seed: int):
-        super().__init__(batch_size, lengths=lengths, generator=torch.Generator())
-        self.seed, self.epoch = seed, 0
-
-    def set_epoch(self, epoch: int):
-        self.epoch = epoch
-
-    def __iter__(self):
-        self.generator.manual_seed(self.seed + self.epoch)
-        return super().__iter__()
-
-
-class ReadableProgress(ProgressCallback):
-    """The Trainer's progress bars, labelled, with each log as one readable line instead of a raw dict."""
+    def __init__(self):
+        self.training = self.evaluating = None      # the bars while they run
 
     def on_train_begin(self, args, state, control, **kwargs):
-        super().on_train_begin(args, state, control, **kwargs)
-        if self.training_bar is not None:
-            self.training_bar.set_description("train")
+        if state.is_world_process_zero:
+            self.training = tqdm(total=state.max_steps, initial=state.global_step, desc="train", dynamic_ncols=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.training is not None:
+            self.training.update(state.global_step - self.training.n)
 
     def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
-        super().on_prediction_step(args, state, control, eval_dataloader=eval_dataloader, **kwargs)
-        if self.prediction_bar is not None and not self.prediction_bar.desc:
-            self.prediction_bar.set_description("evaluate")
+        if not state.is_world_process_zero:
+            return
+        if self.evaluating is None:
+            self.evaluating = tqdm(total=len(eval_dataloader), desc="evaluate", leave=self.training is None,
+                                   dynamic_ncols=True)
+        self.evaluating.update(1)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if self.evaluating is not None:
+            self.evaluating.close()
+            self.evaluating = None
+
+    on_predict = on_evaluate
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and self.training_bar is not None and logs:
+        if self.training is not None and logs:
             values = ", ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
                                for key, value in logs.items() if key not in ("epoch", "total_flos"))
-            self.training_bar.write(f"step {state.global_step}/{state.max_steps} (epoch {state.epoch or 0:.2f}): {values}")
+            self.training.write(f"step {state.global_step}/{state.max_steps} (epoch {state.epoch or 0:.2f}): {values}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.training is not None:
+            self.training.close()
+            self.training = None
 
 
 def resume_checkpoint(config: dict, checkpoints: Path, main_process: bool = True) -> str | None:

@@ -40,6 +40,8 @@ def reset_peak_memory() -> None:
 
 def measure(model_name: str, dataset: str, n: int) -> dict:
     """Runs in the child: exercise 2's Trainer predicting on n examples; memory before and at peak."""
+    from transformers import TrainingArguments
+
     import evaluate
     import exercise_2
     import training
@@ -47,12 +49,13 @@ def measure(model_name: str, dataset: str, n: int) -> dict:
 
     splits = data.load_text_dataset(dataset, seed=0, max_train_samples=n, max_eval_samples=16)
     utils.set_seed(0)  # the fresh classification head, as exercise 2 seeds it
-    model, tokenizer = exercise_2.load_classifier(model_name, splits["train"].features["label"].names)
+    model, tokenizer = exercise_2.load_sequence_classifier(model_name, splits["train"].features["label"].names)
     tokenized = exercise_2.tokenize(splits, tokenizer, exercise_2.CONFIG["max_length"])
     config = utils.parse_config(exercise_2.CONFIG, ["tensorboard=false", "wandb_mode=disabled"])
     with tempfile.TemporaryDirectory() as scratch:
         trainer = training.LabTrainer(
-            model=model, args=training.training_arguments(config, Path(scratch), "eval-memory", "cpu"),
+            model=model, args=TrainingArguments(output_dir=scratch, per_device_eval_batch_size=config["eval_batch_size"],
+                                                **training.shared_arguments(config, "cpu")),
             eval_dataset=tokenized["validation"], processing_class=tokenizer,
             data_collator=exercise_2.make_collator(tokenizer, "cpu"), compute_metrics=evaluate.compute_metrics,
             preprocess_logits_for_metrics=evaluate.preprocess_logits_for_metrics)

@@ -1,7 +1,7 @@
 """Exercise 2's training setup vs the same Trainer fed batches padded to max_length=256.
 
-Both sides use exercise 2's own pieces: the seeded model from `load_classifier`, TrainingArguments
-from `training.training_arguments` (defaults: batch 16, fp32 on CPU, fused AdamW), `training.LabTrainer`, for the same
+Both sides use exercise 2's own pieces: the seeded model from `load_sequence_classifier`, TrainingArguments
+as exercise 2 sets them (`exercise_arguments`: batch 16, fp32 on CPU, fused AdamW), `training.LabTrainer`, for the same
 fixed number of optimizer steps on the same batches: batches of exercise 2's first epoch on the full
 training split, as its length-grouped sampler forms them, picked across the range of their widths (a
 few steps on a small subset would group far worse than the exercise does: megabatches of 48 instead of
@@ -56,6 +56,19 @@ def record_token_counts(model) -> list:
     return counts
 
 
+def exercise_arguments(config: dict, output_dir: Path, **changes):
+    """TrainingArguments with the keys of exercise_2.main that decide what its training steps cost, from its
+    `config`; `changes` adds a bench's own."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(output_dir=str(output_dir), max_steps=config["max_steps"],
+                             per_device_train_batch_size=config["batch_size"],
+                             per_device_eval_batch_size=config["eval_batch_size"], learning_rate=config["learning_rate"],
+                             weight_decay=config["weight_decay"], warmup_steps=config["warmup"],
+                             eval_strategy=config["eval_strategy"], eval_steps=config["eval_steps"],
+                             **training.shared_arguments(config, "cpu"), **changes)
+
+
 def exercise_batches(lengths: list[int], batch_size: int, count: int, seed: int) -> list[list[int]]:
     """`count` batches of exercise 2's first epoch, as its length-grouped sampler forms them (the stock
     LengthGroupedSampler seeded with `seed`, as `training.LabTrainer`'s is at epoch 0), picked at evenly spaced
@@ -75,7 +88,7 @@ def train_steps(model_name: str, splits, padding: str, warmup: int, timed: int, 
     (see `exercise_batches`), after `warmup` repeats of the first of them; `padding`: "dynamic" or "max_length"."""
     label_names = splits["train"].features["label"].names
     utils.set_seed(0)
-    model, tokenizer = exercise_2.load_classifier(model_name, label_names)
+    model, tokenizer = exercise_2.load_sequence_classifier(model_name, label_names)
     config = utils.parse_config(exercise_2.CONFIG, [
         f"max_steps={warmup + timed}", f"batch_size={batch_size}", "eval_strategy=steps", "eval_steps=1000000",
         "logging_steps=1000000", "tensorboard=false", "wandb_mode=disabled"])
@@ -88,8 +101,8 @@ def train_steps(model_name: str, splits, padding: str, warmup: int, timed: int, 
         tokenized = splits.map(lambda batch: tokenizer(batch["text"], padding="max_length", truncation=True,
                                                      max_length=256), batched=True, remove_columns=["text"])
         collator = DataCollatorWithPadding(tokenizer)
-    args = training.training_arguments(config, run_dir, run_dir.name, "cpu")
-    args.train_sampling_strategy = "sequential"  # the picked batches are already in the exercise's order
+    # sequential: the picked batches are already in the exercise's order
+    args = exercise_arguments(config, run_dir, train_sampling_strategy="sequential")
     recorder = StepRecorder()
     token_counts = record_token_counts(model)
     trainer = training.LabTrainer(
@@ -122,7 +135,7 @@ def main() -> None:
     parser.add_argument("--max-train-samples", type=int, help="training sentences the batches come from (default: all)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="runs of our side, each between two matmul yardsticks; the median counts (the "
-                             "max_length side, ~12x slower, runs once)")
+                             "max_length side, far slower, runs once)")
     args = common.parse_args(parser, "tiny run: 3 steps of batch 4, one round, small matmul", common.minilm)
     if args.smoke:
         args.steps, args.warmup, args.batch_size, args.repeats = 3, 1, 4, 1

@@ -145,13 +145,12 @@ def task_ex2_train(task: dict) -> dict:
     splits = data.load_text_dataset(task["dataset"], task["text_column"], seed=config["seed"],
                                     max_train_samples=task["rows"], max_eval_samples=16)
     utils.set_seed(config["seed"])
-    model, tokenizer = exercise_2.load_classifier(task["model"], splits["train"].features["label"].names)
+    model, tokenizer = exercise_2.load_sequence_classifier(task["model"], splits["train"].features["label"].names)
     tokenized, tokenize_stats = measure(lambda: exercise_2.tokenize(splits, tokenizer, config["max_length"],
                                                                     model.config))
     clock, counts = step_clock(), finetune.record_token_counts(model)
     with tempfile.TemporaryDirectory() as scratch:
-        args = training.training_arguments(config, Path(scratch), "scaling", "cpu",
-                                           train_sampling_strategy="group_by_length")
+        args = finetune.exercise_arguments(config, Path(scratch), train_sampling_strategy="group_by_length")
         trainer = training.LabTrainer(model=model, args=args, train_dataset=tokenized["train"],
                                       eval_dataset=tokenized["validation"], processing_class=tokenizer,
                                       data_collator=exercise_2.make_collator(tokenizer, "cpu"), callbacks=[clock])

@@ -9,7 +9,7 @@ import signal
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer, EvalPrediction
+from transformers import AutoTokenizer, EvalPrediction, TrainingArguments
 
 import data
 import evaluate
@@ -79,6 +79,86 @@ def test_the_loss_policy_flags_nan_and_inf_losses_only():
         training.check_loss(torch.tensor(float("inf")), 2)
     with pytest.raises(training.NonFiniteLossError, match=r"at step 3 \(nan\)"):
         training.check_loss(torch.tensor(float("nan")), 3)
+
+
+class MeanLoss(torch.nn.Module):
+    """A model whose forward takes loss kwargs, as transformers 5's models do, and returns its batch mean whatever
+    they say (as DistilBERT's classifier does); `kwargs`: the names of those it was given."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(()))
+        self.kwargs = set()
+
+    def forward(self, x, labels=None, **kwargs):
+        self.kwargs |= set(kwargs)
+        return {"loss": (self.weight * x).mean()}
+
+
+def mean_loss_trainer(tmp_path, **arguments):
+    """A LabTrainer on MeanLoss: 4 rows of x = 1 (loss 1), plain SGD at learning rate 1."""
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, per_device_train_batch_size=2,
+                             learning_rate=1.0, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0,
+                             logging_steps=1, save_strategy="no", label_names=["labels"], **arguments)
+    rows = [{"x": torch.tensor(1.0), "labels": 0}] * 4
+    return training.LabTrainer(model=MeanLoss(), args=args, train_dataset=rows, eval_dataset=rows)
+
+
+def test_every_loss_is_the_batch_mean_also_with_gradient_accumulation(tmp_path):
+    """Given num_items_in_batch, a model that ignores it would log, and step by, twice its loss here (and under DDP
+    the Trainer would multiply it by the number of processes)."""
+    trainer = mean_loss_trainer(tmp_path, max_steps=1, gradient_accumulation_steps=2, disable_tqdm=True)
+    trainer.train()
+    assert trainer.model.kwargs == set()
+    assert trainer.state.log_history[0]["loss"] == 1.0
+    assert trainer.model.weight.item() == 0.0            # 1 - 1 x the gradient of the mean over both batches
+
+
+def test_progress_is_a_labelled_bar_and_one_readable_line_per_log(tmp_path, capsys):
+    trainer = mean_loss_trainer(tmp_path, max_steps=2, prediction_loss_only=True)
+    trainer.train()
+    trainer.evaluate()
+    out, err = capsys.readouterr()
+    assert "step 1/2 (epoch 0.50): loss 1, grad_norm 1, learning_rate 1" in out.splitlines()
+    assert "train: 100%" in err and "evaluate: 100%" in err and "{'loss'" not in out + err
+
+
+def test_predictions_come_back_in_row_order_when_training_groups_by_length(tiny_distilbert, rt_dir, tmp_path):
+    splits = data.load_text_dataset(str(rt_dir), seed=0, max_train_samples=40, max_eval_samples=64)
+    utils.set_seed(0)
+    model, tokenizer = exercise_2.load_sequence_classifier(tiny_distilbert, splits["train"].features["label"].names)
+    tokenized = exercise_2.tokenize(splits, tokenizer, 128)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, per_device_eval_batch_size=4,
+                             train_sampling_strategy="group_by_length")
+    trainer = training.LabTrainer(model=model, args=args, processing_class=tokenizer,
+                                  data_collator=exercise_2.make_collator(tokenizer, "cpu"),
+                                  compute_metrics=evaluate.compute_metrics,
+                                  preprocess_logits_for_metrics=evaluate.preprocess_logits_for_metrics)
+    labels, predicted, scores = exercise_2.evaluate_stage(trainer, tokenized)[1]["test"]
+    assert labels.tolist() == list(splits["test"]["label"])
+    batch = tokenizer(list(splits["test"]["text"]), truncation=True, max_length=128, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        probabilities = model.eval()(**batch).logits.softmax(-1)
+    assert predicted.tolist() == probabilities.argmax(-1).tolist()
+    assert scores.tolist() == pytest.approx(probabilities.max(-1).values.tolist(), rel=1e-4)
+    assert args.train_sampling_strategy == "group_by_length"     # as training wants it, after the evaluation
+
+
+def test_lora_wrapping_is_quiet_and_leaves_the_warning_filters_alone(tiny_distilbert):
+    """PEFT reads transformers' deprecated `is_gradient_checkpointing` as it wraps a model: that warning is
+    silenced there and only there."""
+    import warnings
+
+    import LoRA
+
+    message = "`is_gradient_checkpointing` is deprecated"
+    assert not any(regex is not None and "is_gradient_checkpointing" in regex.pattern
+                   for _, regex, *_ in warnings.filters)
+    model, _ = exercise_2.load_sequence_classifier(tiny_distilbert, ["negative", "positive"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        LoRA.apply_lora(model, exercise_2.CONFIG["lora"])
+    assert not [warning for warning in caught if message in str(warning.message)]
 
 
 def test_config_errors_name_the_key(tmp_path):
@@ -260,7 +340,7 @@ def test_torchrun_two_cpu_processes_write_one_result(tiny_distilbert, tmp_path):
     # the loss is the per-example mean, as in one process (transformers 5.x would scale it by the
     # number of processes for models that take loss kwargs)
     utils.set_seed(0)
-    model, tokenizer = exercise_2.load_classifier(tiny_distilbert, results["label_names"])
+    model, tokenizer = exercise_2.load_sequence_classifier(tiny_distilbert, results["label_names"])
     test = data.load_text_dataset(str(dataset), "sentence", "topic", seed=0, max_train_samples=96)["test"]
     assert [(row["input"], row["label"]) for row in rows] == \
         [(text, results["label_names"][label]) for text, label in zip(test["text"], test["label"])]
