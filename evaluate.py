@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 import faults
+import tables
 from utils import LabError, environment_info, write_atomic
 
 RESULTS_FILE = "results.json"
@@ -51,6 +52,13 @@ def preprocess_logits_for_metrics(logits, labels):
     probabilities = logits.float().softmax(dim=-1)
     scores, ids = probabilities.max(dim=-1)
     return ids, scores
+
+
+def top_classes(logits, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """For (n, classes) logits (a torch tensor): the ids of each row's `k` largest, best first, (n, k), and the
+    softmax probability of the best, (n,), both as numpy arrays on the CPU."""
+    top = logits.topk(k, dim=-1)
+    return top.indices.cpu().numpy(), (top.values[:, 0] - logits.logsumexp(dim=-1)).exp().cpu().numpy()
 
 
 def compute_metrics(eval_pred) -> dict:
@@ -185,13 +193,9 @@ def _json_default(value):
 
 def results_table(metrics: dict, columns=("accuracy", "precision_macro", "recall_macro", "f1_macro")) -> str:
     """A plain-text table, one row per (stage, split)."""
-    header = ["stage", "split", *columns]
     rows = [[stage, split, *(_format(values.get(column)) for column in columns)]
             for stage, splits in metrics.items() for split, values in splits.items()]
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)) for row in [header, *rows]]
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(lines)
+    return tables.text_table(["stage", "split", *columns], rows)
 
 
 def _format(value) -> str:

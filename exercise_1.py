@@ -23,6 +23,7 @@ import faults
 import hub
 import plots
 import loggers
+import saved_classifiers
 import utils
 
 
@@ -99,8 +100,9 @@ def main(argv: list[str] | None = None):
     run_dir = utils.prepare_run_dir(config["output_dir"], config["run_name"], "exercise_1", config["overwrite"])
     logger = loggers.RunLoggers(run_dir, config, "exercise_1")
 
-    # 4. one feature vector per text, cached on disk keyed by everything that changes it; texts are cut at
-    #    max_length tokens, or at the model's own limit when that is lower
+    # 4. one feature vector per text (embed_texts below is the loop; extract_features runs it faster), cached on
+    #    disk keyed by everything that changes it; texts are cut at max_length tokens, or at the model's own limit
+    #    when that is lower
     features, labels, throughput = {}, {}, {}
     model_key = cache.model_fingerprint(config["model_name"])
     max_length = hub.usable_max_length(config["max_length"], tokenizer, model.config)
@@ -154,7 +156,8 @@ def main(argv: list[str] | None = None):
             logger.log_figure(f"{stage}/confusion_test", figure)
             logger.log_text(f"{stage}/classification_report_test", reports[stage])
             logger.log_metrics(metrics[stage], prefix=f"{stage}.")
-        save_classifiers(run_dir, classifiers, {**config, "mixed_precision": precision}, label_names)
+        saved_classifiers.save_fitted_classifiers(run_dir, classifiers, {**config, "mixed_precision": precision},
+                                                  label_names)
         timing["total"] = round(time.perf_counter() - start, 3)
 
         # 7. results file and summary
@@ -174,37 +177,24 @@ def main(argv: list[str] | None = None):
 # The lesson: one vector per text from a frozen encoder (tokenize, forward pass, pool)
 # ---------------------------------------------------------------------------------------------
 
-def load_encoder(model_name: str, trust_remote_code: bool = False):
-    """A frozen text encoder and its tokenizer, from a Hub id or a local folder."""
-    from transformers import AutoModel
-
-    source, tokenizer = hub.text_model_source(model_name, "exercise 1", trust_remote_code)
-    model = AutoModel.from_pretrained(source, trust_remote_code=trust_remote_code, use_safetensors=None)
-    return model.eval(), tokenizer
-
-
-def quantize_encoder(model, quantize: str | None):
-    """The model as it is (quantize=None), or a copy whose nn.Linear layers, all but the down-projections, run
-    dynamic int8 on CPU (quantize="int8": weights int8 per output channel, activations quantized per batch)."""
-    if quantize is None:
-        return model
-    import warnings
-
+def embed_texts(model, tokenizer, texts: list[str], pooling: str = "cls", max_length: int = 128, batch_size: int = 64,
+                device: str = "cpu", precision: str = "no") -> np.ndarray:
+    """The lesson: one vector per text from a frozen encoder, (n, dim) float32 in the order of `texts`
+    (max_length within the model's limit; the encoder runs in `precision`, see devices.precision)."""
     import torch
 
-    with warnings.catch_warnings():
-        # torch.ao.quantization and quantized tensors are deprecated in favour of torchao, which this project
-        # does not install; quantize_dynamic still works in the pinned torch, and the warnings (a screenful
-        # each) would bury the run's own output
-        warnings.filterwarnings("ignore", "torch.ao.quantization is deprecated", DeprecationWarning)
-        warnings.filterwarnings("ignore", "torch.quantize_per_tensor", UserWarning)
-        # a scale per output channel, not one per layer: MiniLM's [CLS] features stay closer to fp32's (median
-        # cosine 0.984 against 0.970 on 800 Rotten Tomatoes sentences) at the same speed. Down-projections (the
-        # feed-forward output, in > out features) stay fp32: they read GELU outputs, whose outliers int8 clips
-        # worst (cosine 0.991 with them kept)
-        spec = {name: torch.ao.quantization.per_channel_dynamic_qconfig for name, module in model.named_modules()
-                if isinstance(module, torch.nn.Linear) and module.in_features <= module.out_features}
-        return torch.ao.quantization.quantize_dynamic(model, spec, dtype=torch.qint8)
+    vectors = []
+    for start in range(0, len(texts), batch_size):
+        # 1. tokenize: token ids cut at max_length and padded (after the text, so [CLS] stays first) to the
+        #    batch's longest text, with an attention mask marking the real tokens
+        batch = tokenizer(list(texts[start:start + batch_size]), truncation=True, max_length=max_length,
+                          padding=True, padding_side="right", return_tensors="pt").to(device)
+        # 2. forward: the encoder's last hidden states, one vector per token: (batch, tokens, dim)
+        with torch.inference_mode(), devices.autocast(device, precision):
+            hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        # 3. pool: one vector per text, the first token's or the mean over the real tokens
+        vectors.append(pool(hidden.float(), batch["attention_mask"], pooling).cpu().numpy())
+    return np.concatenate(vectors)
 
 
 def pool(hidden, attention_mask, pooling: str):
@@ -217,21 +207,23 @@ def pool(hidden, attention_mask, pooling: str):
     raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
 
 
-def pad_batch(sequences: list[list[int]], pad_id: int):
-    """Right-pad token id lists to the longest one: (input_ids, attention_mask) tensors."""
-    import torch
+def load_encoder(model_name: str, trust_remote_code: bool = False):
+    """A frozen text encoder and its tokenizer, from a Hub id or a local folder."""
+    from transformers import AutoModel
 
-    width = max(len(seq) for seq in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        input_ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
-        attention_mask[row, :len(seq)] = 1
-    return input_ids, attention_mask
+    source, tokenizer = hub.text_source_and_tokenizer(model_name, "exercise 1", trust_remote_code)
+    if tokenizer.pad_token is None:  # GPT-style tokenizers: pad with the end-of-text token (the mask hides it)
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModel.from_pretrained(source, trust_remote_code=trust_remote_code, use_safetensors=None)
+    return model.eval(), tokenizer
 
 
-# On CPU a batch holds at most this many (padded) tokens: small batches keep their activations in
-# cache, about 10% faster than 64 texts of any length on 2 cores (bench/features.py).
+# ---------------------------------------------------------------------------------------------
+# The same features, faster: length-sorted batches on worker threads; int8 encoders
+# ---------------------------------------------------------------------------------------------
+
+# On CPU a batch holds at most this many (padded) tokens: small batches keep their activations in the CPU's
+# cache, faster than the same texts in batches of eval_batch_size (bench/features.py measures it).
 CPU_BATCH_TOKENS = 1024
 
 
@@ -251,34 +243,22 @@ def length_batches(lengths: list[int], batch_size: int, max_tokens: int | None =
 def extract_features(model, tokenizer, texts: list[str], pooling: str = "cls", max_length: int = 128,
                      batch_size: int = 64, device: str = "cpu", desc: str = "features",
                      precision: str = "no") -> np.ndarray:
-    """Pooled last-layer features (n, dim) float32, in the order of `texts` (max_length within the model's limit),
-    the encoder running in `precision` (devices.precision).
-
-    Tokenizes once without padding, then runs batches of similar length (sorted, longest first so
-    an out-of-memory shows at once) so padding costs almost nothing. On CPU, batches also hold at
-    most CPU_BATCH_TOKENS tokens and run in parallel on one worker thread per torch thread, each
-    batch single-threaded: one batch's small matmuls and elementwise ops split poorly across cores,
-    and single-threaded workers do not stall on each other when the machine is busy.
-    """
+    """embed_texts's features (the same to float rounding) for many texts, faster: embed_texts runs on batches of
+    texts of similar length (sorted, longest first so an out-of-memory shows at once), so padding costs almost
+    nothing. On CPU, batches also hold at most CPU_BATCH_TOKENS tokens and run in parallel on one worker thread
+    per torch thread, each batch single-threaded: one batch's small matmuls and elementwise ops split poorly
+    across cores, and single-threaded workers do not stall on each other when the machine is busy. A batch is
+    made of the same texts whatever the thread count, so the features do not depend on it."""
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
     from tqdm.auto import tqdm
 
-    encoded = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
-    batches = length_batches([len(ids) for ids in encoded], batch_size, CPU_BATCH_TOKENS if device == "cpu" else None)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    lengths = [len(ids) for ids in tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]]
+    batches = length_batches(lengths, batch_size, CPU_BATCH_TOKENS if device == "cpu" else None)
     model.eval().to(device)
-
-    def embed(rows):
-        input_ids, attention_mask = pad_batch([encoded[i] for i in rows], pad_id)
-        if devices.pin_memory(device):
-            input_ids, attention_mask = input_ids.pin_memory(), attention_mask.pin_memory()
-        with torch.inference_mode(), devices.autocast(device, precision):
-            hidden = model(input_ids=input_ids.to(device, non_blocking=True),
-                           attention_mask=attention_mask.to(device, non_blocking=True)).last_hidden_state
-            return rows, pool(hidden.float(), attention_mask.to(device), pooling).cpu().numpy()
-
+    embed = lambda rows: (rows, embed_texts(model, tokenizer, [texts[i] for i in rows], pooling, max_length,
+                                            len(rows), device, precision))
     threads = torch.get_num_threads()
     workers = min(threads, len(batches)) if device == "cpu" else 1
     features = None
@@ -298,12 +278,36 @@ def extract_features(model, tokenizer, texts: list[str], pooling: str = "cls", m
     return features
 
 
+def quantize_encoder(model, quantize: str | None):
+    """The model as it is (quantize=None), or a copy whose nn.Linear layers, all but the down-projections, run
+    dynamic int8 on CPU (quantize="int8": weights int8 per output channel, activations quantized per batch)."""
+    if quantize is None:
+        return model
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        # torch.ao.quantization and quantized tensors are deprecated in favour of torchao, which this project
+        # does not install; quantize_dynamic still works in the pinned torch, and the warnings (a screenful
+        # each) would bury the run's own output
+        warnings.filterwarnings("ignore", "torch.ao.quantization is deprecated", DeprecationWarning)
+        warnings.filterwarnings("ignore", "torch.quantize_per_tensor", UserWarning)
+        # a scale per output channel, not one per layer: the features stay closer to fp32's at the same speed,
+        # as one outlying channel no longer coarsens every other's steps (bench/int8.py compares them). Down-
+        # projections (the feed-forward output, in > out features) stay fp32: they read GELU outputs, whose
+        # outliers int8 clips worst
+        spec = {name: torch.ao.quantization.per_channel_dynamic_qconfig for name, module in model.named_modules()
+                if isinstance(module, torch.nn.Linear) and module.in_features <= module.out_features}
+        return torch.ao.quantization.quantize_dynamic(model, spec, dtype=torch.qint8)
+
+
 # ---------------------------------------------------------------------------------------------
 # Classic classifiers on the frozen features
 # ---------------------------------------------------------------------------------------------
 
-# libsvm's exact SVC fits in time growing faster than n^2 (one thread): seconds at the course's 8,530 texts, most
-# of an hour at 60,000. Above this many training texts svc_solver=auto approximates the kernel instead.
+# libsvm's exact SVC fits in time growing faster than n^2 (one thread): quick at the course's size, far too slow
+# at many times it. Above this many training texts svc_solver=auto approximates the kernel instead.
 SVC_EXACT_MAX_ROWS = 10_000
 
 
@@ -317,6 +321,11 @@ def svc_solver(config: dict, rows: int) -> str:
           f"approximately (its {config['svc_kernel']} kernel mapped by Nystroem with {config['svc_components']} "
           f"components, then a linear SVM), in time linear in the texts; svc_solver=exact keeps libsvm's exact fit")
     return "approximate"
+
+
+# Logistic regression's lbfgs stops once its gradient is this small, at the loss's one minimum, which the features
+# alone decide; scikit-learn's default (1e-4) stops short of it, where the solver's path still shows in the predictions.
+LOGREG_TOL = 1e-8
 
 
 def make_classifier(kind: str, C: float, config: dict, solver: str = "exact", gamma: float | None = None):
@@ -337,14 +346,17 @@ def make_classifier(kind: str, C: float, config: dict, solver: str = "exact", ga
     elif kind == "svc":
         steps.append(SVC(kernel=config["svc_kernel"], C=C, random_state=config["seed"]))
     else:
-        steps.append(LogisticRegression(C=C, max_iter=config["logreg_max_iter"], random_state=config["seed"]))
+        steps.append(LogisticRegression(C=C, tol=LOGREG_TOL, max_iter=config["logreg_max_iter"],
+                                        random_state=config["seed"]))
     return make_pipeline(*steps) if len(steps) > 1 else steps[0]
 
 
 def fit_classifier(kind: str, config: dict, features: dict, labels: dict):
-    """Fit one classifier on train; with tune_C, its C is the grid value best on validation."""
+    """Fit one classifier on train; with tune_C, its C is the grid value best on validation. It sees the features
+    as float64, as predict_scored does: in float32 lbfgs's gradient, a BLAS product, rounds differently with BLAS's
+    thread count, and logistic regression ended elsewhere on another machine (libsvm computes in float64 anyway)."""
     grid = config["C_grid"] if config["tune_C"] else [config[f"{kind}_C"]]
-    train = features["train"]
+    train, validation = (np.asarray(features[split], dtype=np.float64) for split in ("train", "validation"))
     solver = svc_solver(config, len(train)) if kind == "svc" else "exact"
     gamma = None
     if solver == "approximate":
@@ -357,7 +369,7 @@ def fit_classifier(kind: str, config: dict, features: dict, labels: dict):
         estimate = fit_seconds_estimate(make, train, labels["train"], config["seed"]) if exact_svc else None
         with utils.heartbeat(f"{kind}: fitting on {len(train):,} texts ({solver}, C={C})", len(train) > 5000, estimate):
             classifier = make().fit(train, labels["train"])
-        scores[C] = float((classifier.predict(features["validation"]) == labels["validation"]).mean())
+        scores[C] = float((classifier.predict(validation) == labels["validation"]).mean())
         if best is None or scores[C] > scores[best[0]]:
             best = (C, classifier)
     if len(grid) > 1:
@@ -382,6 +394,7 @@ def fit_seconds_estimate(make, features: np.ndarray, labels: np.ndarray, seed: i
 def predict_scored(classifier, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Predicted class ids and a score for each: logistic regression's probability of that class, an SVC's
     decision value for it (its margin from the boundary, in standardized feature units; larger = surer)."""
+    features = np.asarray(features, dtype=np.float64)     # as fit_classifier fitted it
     if hasattr(classifier, "predict_proba"):
         predicted, probabilities = classifier.predict(features), classifier.predict_proba(features)
         return predicted, probabilities[np.arange(len(predicted)), np.searchsorted(classifier.classes_, predicted)]
@@ -390,54 +403,6 @@ def predict_scored(classifier, features: np.ndarray) -> tuple[np.ndarray, np.nda
         return classifier.classes_[(decision > 0).astype(int)], np.abs(decision)
     predicted = classifier.predict(features)  # an SVC's many classes vote one against one: its own predict
     return predicted, decision[np.arange(len(predicted)), np.searchsorted(classifier.classes_, predicted)]
-
-
-# ---------------------------------------------------------------------------------------------
-# Saved classifiers (for predict.py): skops files, never pickle, plus what the features need
-# ---------------------------------------------------------------------------------------------
-
-CLASSIFIER_DIR = "classifiers"      # <run>/classifiers/<stage>.skops and encoder.json
-# every type a saved classifier may contain; loading refuses a file holding any other
-TRUSTED_TYPES = ["sklearn.pipeline.Pipeline", "sklearn.preprocessing._data.StandardScaler",
-                 "sklearn.svm._classes.SVC", "sklearn.linear_model._logistic.LogisticRegression",
-                 "sklearn.kernel_approximation.Nystroem", "sklearn.svm._classes.LinearSVC"]
-
-
-def save_classifiers(run_dir, classifiers: dict, config: dict, label_names: list[str]) -> None:
-    """Each fitted classifier as `<stage>.skops` (no pickle), and `encoder.json`: the encoder, pooling and
-    max_length that make the features it expects, and the class names of its ids. Each file is written whole."""
-    import json
-
-    import skops.io
-
-    folder = faults.make_folder(run_dir / CLASSIFIER_DIR)
-    for stage, classifier in classifiers.items():
-        utils.write_atomic(folder / f"{stage}.skops", skops.io.dumps(classifier))
-    encoder = {key: config[key] for key in ("model_name", "pooling", "max_length", "trust_remote_code", "quantize",
-                                            "mixed_precision")}
-    utils.write_atomic(folder / "encoder.json", json.dumps({**encoder, "label_names": label_names}, indent=2).encode())
-
-
-def load_classifier(run_dir, stage: str):
-    """(classifier, encoder.json's dict) saved by save_classifiers; a file holding types outside
-    TRUSTED_TYPES is refused without being loaded, and a damaged one (artifacts.py) is named."""
-    import artifacts
-
-    folder = run_dir / CLASSIFIER_DIR
-    path, info = folder / f"{stage}.skops", folder / "encoder.json"
-    if not folder.exists():
-        raise utils.LabError(f"{run_dir} has no saved {stage} classifier ({path.name} and encoder.json in "
-                             f"{folder}): an unfinished run, or one from before classifiers were saved")
-    remedy = f"rerun exercise_1.py with the settings in {run_dir}/results.json to save the classifiers again"
-    artifacts.check_folder(folder, [path.name, info.name], remedy)
-    encoder = artifacts.read_json(info, remedy, {"model_name": str, "pooling": str, "max_length": int,
-                                                 "label_names": list})
-    import skops.io
-
-    untrusted = [name for name in skops.io.get_untrusted_types(file=path) if name not in TRUSTED_TYPES]
-    if untrusted:
-        raise utils.LabError(f"{path} holds types predict does not load: {untrusted}")
-    return skops.io.load(path, trusted=TRUSTED_TYPES), encoder
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ def usable_max_length(max_length: int, tokenizer, model_config=None) -> int:
     return limit
 
 
-def text_model_source(model_name: str, exercise: str, trust_remote_code: bool = False):
+def text_source_and_tokenizer(model_name: str, exercise: str, trust_remote_code: bool = False):
     """(loadable source, tokenizer) for a text model, refusing vision/multimodal checkpoints."""
     from transformers import AutoConfig
 
@@ -74,7 +74,7 @@ def resolve_pretrained(name: str, repo_type: str = "model", offline_hint: str = 
 
     Local folders are used as they are. A Hub id is returned when the Hub answers, or its cached
     snapshot when it does not; otherwise a LabError names the id and the offline route within
-    seconds (the libraries' own retries take 30-60 s).
+    seconds, without waiting out the libraries' own retries.
     """
     path = Path(name).expanduser()
     if path.exists():

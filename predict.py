@@ -4,6 +4,7 @@
     python predict.py runs/rt reviews.txt --output predicted.csv                 # one text per line
     python predict.py runs/rt reviews.csv --text-column review                   # a column of a CSV/TSV
     python predict.py runs/clip photos/ cat.jpg                                  # images, folders (exercise 3)
+    python predict.py runs/clip photos/ --scale 0.5                              # halfway back to zero-shot (WiSE-FT)
 
 results.json in the run folder says which exercise made it, and each loads what its run saved:
 exercise 1 the fitted classifier (`classifiers/<stage>.skops`, never pickle) and the frozen encoder,
@@ -14,7 +15,9 @@ trained), class names and prompts. The score is the predicted class's probabilit
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import math
 import sys
 from pathlib import Path
 from typing import NamedTuple
@@ -23,7 +26,9 @@ import numpy as np
 
 import artifacts
 import devices
+import evaluate
 import images
+import tables
 import utils
 from utils import LabError
 
@@ -50,10 +55,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--output", metavar="FILE.csv", help="also write the predictions to this CSV file")
     parser.add_argument("--stage", help="exercise 1: svc or logreg (default: the one better on validation); "
                         "exercise 3: zero_shot for the model without the run's training")
+    parser.add_argument("--scale", type=float, metavar="ALPHA", help="exercise 3: the trained update scaled by ALPHA "
+                        "(0: the model before training, 1: as trained, the default; the run's wise_alphas stages)")
     parser.add_argument("--batch-size", type=int, metavar="N", help="inputs per forward pass (default: the run's eval_batch_size)")
     parser.add_argument("--strict", action="store_true", help="stop at the first unreadable input (an image that does "
                         "not decode, a file that is empty or not UTF-8) instead of skipping it with a warning")
     args = parser.parse_args(argv)
+    if args.scale is not None and not math.isfinite(args.scale):
+        raise LabError(f"--scale must be a finite number, got {args.scale}")
     if args.batch_size is not None and args.batch_size < 1:
         raise LabError(f"--batch-size must be >= 1, got {args.batch_size}")
     return args
@@ -152,7 +161,7 @@ def read_texts(inputs: list[str], text_column: str) -> list[str | Unreadable]:
             raise LabError(f"{item} is {'a folder' if path.is_dir() else 'an image'}; this run classifies text: "
                            f"give sentences or .txt/.csv files")
         elif path.is_file():
-            found = read_text_file(path, text_column)
+            found = texts_from_file(path, text_column)
             texts += [found] if isinstance(found, Unreadable) else found
         elif looks_like_file(item):
             raise LabError(f"input file {item} does not exist")
@@ -161,7 +170,7 @@ def read_texts(inputs: list[str], text_column: str) -> list[str | Unreadable]:
     return texts
 
 
-def read_text_file(path: Path, text_column: str) -> list[str] | Unreadable:
+def texts_from_file(path: Path, text_column: str) -> list[str] | Unreadable:
     """The texts in one file, or why it cannot be read. A table without `text_column` is the flag's problem,
     not the file's: LabError, as skipping it would hide a wrong --text-column."""
     import pandas as pd
@@ -191,7 +200,7 @@ def read_image_paths(inputs: list[str]) -> list[str]:
     for item in inputs:
         path = Path(item).expanduser()
         if path.is_dir():
-            found = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in images.IMAGE_SUFFIXES and p.is_file())
+            found = images.image_files(path)
             if not found:
                 raise LabError(f"folder {item} holds no images ({', '.join(images.IMAGE_SUFFIXES)})")
             paths += found
@@ -211,8 +220,9 @@ def read_image_paths(inputs: list[str]) -> list[str]:
 
 def predict_exercise_1(run_dir: Path, results: dict, texts: list[str], stage: str, batch_size: int, strict: bool):
     import exercise_1
+    import saved_classifiers
 
-    classifier, encoder = exercise_1.load_classifier(run_dir, stage)
+    classifier, encoder = saved_classifiers.load_fitted_classifier(run_dir, stage)
     model, tokenizer = exercise_1.load_encoder(model_source(run_dir, results["config"], encoder["model_name"]),
                                                encoder.get("trust_remote_code", False))
     model = exercise_1.quantize_encoder(model, encoder.get("quantize"))  # the features the classifier was fitted on
@@ -253,7 +263,7 @@ def predict_exercise_2(run_dir: Path, results: dict, texts: list[str], stage: st
 
     if lora:
         utils.set_seed(config["seed"])   # as the run did: any head weight the adapter lacks starts the same
-        model, tokenizer = exercise_2.load_classifier(model_source(run_dir, config, config["model_name"]), names,
+        model, tokenizer = exercise_2.load_sequence_classifier(model_source(run_dir, config, config["model_name"]), names,
                                                       config["trust_remote_code"])
         model = LoRA.load_adapter(model, run_dir / "adapter")
     else:
@@ -278,9 +288,8 @@ def predict_exercise_2(run_dir: Path, results: dict, texts: list[str], stage: st
     return np.concatenate(predicted), np.concatenate(scores), None, names, {}
 
 
-def predict_exercise_3(run_dir: Path, results: dict, paths: list[str], stage: str, batch_size: int, strict: bool):
-    import torch
-
+def predict_exercise_3(run_dir: Path, results: dict, paths: list[str], stage: str, batch_size: int, strict: bool,
+                       scale: float | None = None):
     import clip
     import LoRA
 
@@ -289,6 +298,8 @@ def predict_exercise_3(run_dir: Path, results: dict, paths: list[str], stage: st
         raise LabError(f"{run_dir} has no adapter/ (adapter_config.json): the run did not finish")
     if stage == "fine_tuned" and not (run_dir / "model").exists():
         raise LabError(f"{run_dir} has no model/ folder: the run did not finish (or predates predict.py)")
+    if scale is not None and stage == "zero_shot":
+        raise LabError("--scale scales what training changed: it applies to the trained stage, not --stage zero_shot")
     if stage != "zero_shot":
         folder, required = ("adapter", ADAPTER_FILES) if stage == "lora" else ("model", MODEL_FILES)
         artifacts.check_folder(run_dir / folder, required, remake(run_dir, results))
@@ -299,11 +310,23 @@ def predict_exercise_3(run_dir: Path, results: dict, paths: list[str], stage: st
     elif stage == "fine_tuned":
         from transformers import CLIPModel
 
-        model = CLIPModel.from_pretrained(run_dir / "model")
+        base, model = model, CLIPModel.from_pretrained(run_dir / "model")
+    # what --scale starts from: PEFT keeps the originals of modules_to_save; every weight trained: the model as loaded
+    initial = {} if scale is None else LoRA.initial_weights(model if stage == "lora" else base)
     device = utils.best_device()
     model.eval().to(device)
     templates = results.get("prompts") or clip.TEMPLATES["single"]     # the run's own prompts
     precision = devices.replay_precision(config.get("mixed_precision", "no"), device)
+    with LoRA.interpolated(model, scale, initial) if scale is not None else contextlib.nullcontext():
+        return classify_images(model, tokenizer, image_processor, names, templates, precision, paths, batch_size, strict)
+
+
+def classify_images(model, tokenizer, image_processor, names, templates, precision, paths, batch_size, strict):
+    """Zero-shot classification of image files against the head `model`'s text tower builds for `names`."""
+    import torch
+
+    import clip
+
     classifier = clip.build_zero_shot_classifier(model, tokenizer, names, templates, precision=precision)
     transform = clip.ImageTransform(image_processor, on_bad_image="fail")
     predicted, scores, top, unreadable = [], [], [], {}
@@ -323,10 +346,10 @@ def predict_exercise_3(run_dir: Path, results: dict, paths: list[str], stage: st
             # the run's own transform, so its pixels are the run's (pixels.py where it applies, else the processor)
             pixels = torch.stack(transform({"image": decoded, "label": [0] * len(decoded)})["pixel_values"])
             logits = clip.zero_shot_logits(model, pixels, classifier, precision)
-            best = logits.topk(min(5, len(names)), dim=-1)
-            top.append(best.indices.cpu().numpy())
-            predicted.append(best.indices[:, 0].cpu().numpy())
-            scores.append((best.values[:, 0] - logits.logsumexp(dim=-1)).exp().cpu().numpy())
+            best, probability = evaluate.top_classes(logits, min(5, len(names)))
+            top.append(best)
+            predicted.append(best[:, 0])
+            scores.append(probability)
     if not predicted:
         raise unreadable_error([Unreadable(paths[index], reason) for index, reason in unreadable.items()])
     return np.concatenate(predicted), np.concatenate(scores), np.concatenate(top), names, unreadable
@@ -357,14 +380,11 @@ def prediction_rows(entries, predicted, scores, top, names) -> list[dict]:
 
 
 def format_table(rows: list[dict], width: int = 60) -> str:
+    """The rows as the terminal shows them: each input cut to `width` characters, its class and score."""
     shorten = lambda text: text if len(text) <= width else text[:width - 3] + "..."
-    cells = [["input", "predicted", "score"]] + [
+    return tables.text_table(["input", "predicted", "score"], [
         [shorten(row["input"]), row["predicted"] or "(skipped)", "" if row["skipped"] else f"{row['score']:.4f}"]
-        for row in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(3)]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+        for row in rows])
 
 
 def check_output(output: str | None) -> Path | None:
@@ -403,8 +423,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if not readable:
         raise LabError("no inputs to classify: the files given hold no text")
     batch_size = args.batch_size or results["config"].get("eval_batch_size") or 32
+    if args.scale is not None and exercise != "exercise_3":
+        raise LabError(f"--scale applies to runs of exercise 3 (its adapter interpolation), not {exercise}")
+    scaled = {"scale": args.scale} if exercise == "exercise_3" else {}
     predicted, scores, top, names, unreadable = PREDICTORS[exercise](run_dir, results, readable, stage, batch_size,
-                                                                     args.strict)
+                                                                     args.strict, **scaled)
     positions = [index for index, entry in enumerate(entries) if not isinstance(entry, Unreadable)]
     for index, reason in unreadable.items():        # images the predictor could not decode
         entries[positions[index]] = Unreadable(entries[positions[index]], reason)

@@ -29,10 +29,10 @@ import time
 from pathlib import Path
 
 import report
+import tables
 import utils
 from evaluate import RESULTS_FILE
 
-SWEEP_FILE = "sweep.json"
 RESERVED_KEYS = ("output_dir", "run_name")  # the sweep sets these for every point
 # What each exercise logs (to TensorBoard and W&B) that a W&B sweep can maximise: its lesson's stage on validation.
 WANDB_METRICS = {"exercise_1": "svc/validation/accuracy", "exercise_2": "fine_tuned/validation/accuracy",
@@ -222,7 +222,8 @@ def run_sweep(script: str, arguments: list[str], dry_run: bool = False, metric: 
             continue
         record = run_point(command, sweep_dir, name)
         summary["points"].append({"name": name, "overrides": point, **record})
-        (sweep_dir / SWEEP_FILE).write_text(json.dumps(summary, indent=2))  # after each point: a crash keeps the rest
+        # after each point: a crash keeps the rest
+        (sweep_dir / report.SWEEP_FILE).write_text(json.dumps(summary, indent=2))
         outcome = (f"{record['stage']} validation accuracy {record['validation_accuracy']:.4f}"
                    if record["status"] == "ok" and record["validation_accuracy"] is not None else
                    "ok" if record["status"] == "ok" else f"FAILED (exit {record['returncode']}): {record['error']}")
@@ -258,12 +259,11 @@ def summary_text(summary: dict) -> str:
     """The points ranked by validation accuracy (failures last), then what failed and why."""
     failed = [point for point in summary["points"] if point["status"] != "ok"]
     ranked = sorted(summary["points"], key=lambda point: -(point.get("validation_accuracy") or -1.0))
-    width = max((len(point["name"]) for point in ranked), default=4)
-    lines = [f"{'rank':>4}  {'point'.ljust(width)}  validation accuracy  stage"]
-    for rank, point in enumerate(ranked, 1):
-        score = point.get("validation_accuracy")
-        lines.append(f"{rank:>4}  {point['name'].ljust(width)}  "
-                     f"{f'{score:.4f}' if score is not None else point['status']:>19}  {point.get('stage') or '-'}")
+    score = lambda point: (f"{point['validation_accuracy']:.4f}" if point.get("validation_accuracy") is not None
+                           else point["status"])
+    lines = [tables.text_table(["rank", "point", "validation accuracy", "stage"],
+                               [[rank, point["name"], score(point), point.get("stage") or "-"]
+                                for rank, point in enumerate(ranked, 1)], right=(0, 2))]
     lines += ["", f"sweep {summary['sweep_dir']}: {len(summary['points']) - len(failed)} of "
               f"{len(summary['points'])} runs ok, {len(failed)} failed"]
     lines += [f"  failed: {point['name']} (exit {point['returncode']}; log {point['log']}): {point['error']}"

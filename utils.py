@@ -71,7 +71,9 @@ def parse_value(text: str, default):
         return value
     if isinstance(default, (list, tuple)):
         items = [item.strip() for item in text.strip().strip("[]").split(",") if item.strip()]
-        element_default = default[0] if default else ""
+        # a list of one type parses each element as that type; one of several (e.g. [1, 2, "all"]) as a literal
+        element_default = ("" if not default else default[0] if all(type(v) is type(default[0]) for v in default)
+                           else None)
         return [parse_value(item.strip("'\""), element_default) for item in items]
     if default is None:
         return _parse_literal(text)
@@ -324,21 +326,37 @@ def environment_info() -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-# Folders the project keeps inside output_dir itself (exercise 1's feature cache), never a run's name.
-RESERVED_NAMES = ("cache",)
+# Folders the project keeps inside output_dir itself, each with what it holds: never a run's name.
+RESERVED_NAMES = {"cache": "the feature cache of exercise 1 and of exercise 3's linear probe"}
+# Folders a run keeps in its run folder, each with what it holds: a resumed run finds them there already.
+RUN_FOLDERS = {"checkpoints": "exercise 3's training checkpoints", "predictions": "the per-sample predictions",
+               "adapter": "the LoRA adapter", "model": "exercise 3's fine-tuned model",
+               "tensorboard": "TensorBoard's event files", "wandb": "the W&B run"}
+
+
+def owned_folder(path: Path, what: str) -> Path:
+    """`path`, where the project keeps a folder holding `what`, unless something other than a folder (a plain
+    file) is in its place: then one line naming it, before any work would fail on it. Nothing is created."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise LabError(f"{path} is a file, but the project keeps a folder there ({what}); move or remove it")
+    return path
 
 
 def check_output_dir(output_dir: str) -> Path:
-    """`output_dir` if a run can be written there, else one line saying why: checked before any data or model
-    is loaded, so a typo costs seconds. Nothing is created here."""
+    """`output_dir` if a run can be written there, else one line saying why (also for a file in place of a folder
+    the project keeps in it): checked before any data or model is loaded, so a typo costs seconds. Nothing is
+    created here."""
     base = Path(output_dir).expanduser()
     existing = base
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
-    problem = ("is not a folder" if not existing.is_dir() else
-               "is not writable" if not os.access(existing, os.W_OK | os.X_OK) else None)
-    if problem:
-        raise LabError(f"cannot write to output folder {base}: {existing} {problem}; set output_dir=<a writable folder>")
+    owned_folder(existing, "output_dir, where run folders go" if existing == base else f"output_dir {base} is in it")
+    for folder, what in RESERVED_NAMES.items():
+        owned_folder(base / folder, what)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise LabError(f"cannot write to output folder {base}: {existing} is not writable; "
+                       f"set output_dir=<a writable folder>")
     return base
 
 
@@ -360,7 +378,8 @@ def prepare_run_dir(output_dir: str, run_name: str | None, exercise: str,
     The folder is created exclusively, so two runs never share one, even when started together with the
     same `run_name` or the same default `<exercise>-<time>`: the later one gets a `-2`, `-3`... suffix.
     With `resume` the named folder is continued, with `overwrite` it is emptied first. `resume=None`: the
-    exercise cannot resume, and messages do not suggest it.
+    exercise cannot resume, and messages do not suggest it. A file where the named folder (or, resumed, one of
+    its RUN_FOLDERS) should be is a LabError, before the run writes anything.
     """
     base = check_output_dir(output_dir)
     name = check_run_name(run_name) or f"{exercise}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -369,11 +388,13 @@ def prepare_run_dir(output_dir: str, run_name: str | None, exercise: str,
     except OSError as error:
         raise LabError(f"cannot write to output folder {base}: {error.strerror or error}; "
                        f"set output_dir=<a writable folder>") from None
-    run_dir = base / name
+    run_dir = owned_folder(base / name, "the sweep's folder" if exercise == "sweep" else "the run folder")
     if resume or overwrite:
         if overwrite and not resume and run_dir.exists():
             shutil.rmtree(run_dir)
         run_dir.mkdir(exist_ok=True)
+        for folder, what in RUN_FOLDERS.items():     # a resumed run's own folders, checked before it works for them
+            owned_folder(run_dir / folder, what)
         return run_dir
     suffix = 1
     while True:

@@ -94,10 +94,10 @@ OP_GROUPS = (("matmul", ("addmm", "aten::mm", "bmm", "linear", "matmul")), ("att
 
 def profile_breakdown(model, tokenizer, texts: list[str], pooling: str, max_length: int, batch_size: int) -> dict:
     """Shares of one extraction's wall time: aten ops by group (self CPU time), tokenization, and the rest
-    (padding, pooling, Python and dispatch between ops, profiler overhead). The batches are exercise 1's
-    (its tokenizer call, length_batches, pad_batch, pool), run one after another in this thread, single-
-    threaded: the profiler does not see the extractor's worker threads, and each of them runs one batch
-    single-threaded too, so the shares are the timed run's."""
+    (each batch's tokenizing and padding, pooling, Python and dispatch between ops, profiler overhead). The
+    batches are exercise 1's (its tokenizer call for the lengths, length_batches, embed_texts), run one after
+    another in this thread, single-threaded: the profiler does not see the extractor's worker threads, and each
+    of them runs one batch single-threaded too, so the shares are the timed run's."""
     import time
 
     import torch
@@ -111,9 +111,7 @@ def profile_breakdown(model, tokenizer, texts: list[str], pooling: str, max_leng
             encoded = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
             tokenize = time.perf_counter() - start
             for rows in exercise_1.length_batches([len(ids) for ids in encoded], batch_size, exercise_1.CPU_BATCH_TOKENS):
-                input_ids, attention_mask = exercise_1.pad_batch([encoded[i] for i in rows], tokenizer.pad_token_id or 0)
-                hidden = model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-                exercise_1.pool(hidden, attention_mask, pooling).numpy()
+                exercise_1.embed_texts(model, tokenizer, [texts[i] for i in rows], pooling, max_length, len(rows))
             wall = time.perf_counter() - start
     finally:
         torch.set_num_threads(threads)

@@ -7,7 +7,7 @@ logistic regression (its default config) are then fitted on each side's features
 is the largest fp32 - int8 test accuracy over the two classifiers, in points; `feature_cosine` the
 median cosine between a sentence's fp32 and int8 feature vectors.
 
-    python -m bench.int8                          # real MiniLM, all of Rotten Tomatoes (~3-4 min on 2 cores)
+    python -m bench.int8                          # real MiniLM, all of Rotten Tomatoes (minutes on a CPU)
     python -m bench.int8 --smoke --model <folder> # a few seconds, any small encoder
 """
 from __future__ import annotations

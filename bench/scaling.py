@@ -13,7 +13,7 @@ kernel's peak-RSS mark right before its stage. Memory = peak RSS during the stag
 
 Time is the stage's CPU seconds (every thread of the process), and everything runs on one thread (torch
 and BLAS; --threads) by default: on a machine other jobs load, a stage's wall time swings with their load
-(2-3x within minutes on 2 shared cores) and so would the exponents; its CPU time does not. Wall seconds,
+(several times over within minutes on shared cores) and so would the exponents; its CPU time does not. Wall seconds,
 and their exponents, are in the JSON line too.
 
 - exercise 1 on SST-2 phrases (train: all 60,614 in a seeded order, each size a prefix, so a smaller set lies
@@ -23,7 +23,7 @@ and their exponents, are in the JSON line too.
   solver that ran is reported: exact up to 10,000 texts, Nystroem above), predict_scored on validation,
   fit_classifier("logreg"). Note fit_classifier also scores validation once (validation_accuracy_by_C),
   inside its time. Features of all train + validation texts come from exercise 1's own feature cache in
-  --cache-dir; a first run extracts them once (the 20k timed extraction is reused: ~4 min more on 2 cores).
+  --cache-dir; a first run extracts them once (the 20k timed extraction is reused; minutes more).
 - exercise 2 at 6,000 and 60,000 training rows: exercise_2.tokenize, the Trainer's time to its first
   optimizer step (setup and the length-grouped sampler over every row), seconds per step after
   --warmup steps (exercise 2's batches, batch 16), peak memory of the training call.
@@ -34,7 +34,7 @@ and their exponents, are in the JSON line too.
 - a megabyte text: exercise_1.extract_features on 64 phrases plus one 1 MB text (max_length 128) against
   the 64 alone, and the tokenizer call alone.
 
-    python -m bench.scaling                              # MiniLM, ~5 min on 2 cores (a first run ~4 min more)
+    python -m bench.scaling                              # MiniLM, minutes on a CPU (a first run longer)
     python -m bench.scaling --threads 0                  # torch's and BLAS's own thread counts instead of one
     python -m bench.scaling --smoke --model <folder>     # seconds: tiny sizes, in this process
 """

@@ -15,6 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
+import tables
 from bench.common import ROOT
 
 # goals that are ceilings (memory growth, accuracy lost to int8); every other goal is a floor
@@ -54,11 +55,9 @@ def rows(result: dict) -> list[tuple[str, float, str, str]]:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| measure | ratio | goal | met | run at |", "| --- | --- | --- | --- | --- |"]
-    for result in results:
-        lines += [f"| {measure} | {ratio:g} | {goal} | {met} | {result.get('time', '?')} |"
-                  for measure, ratio, goal, met in rows(result)]
-    return "\n".join(lines)
+    return tables.markdown_table(["measure", "ratio", "goal", "met", "run at"],
+                                 [[measure, f"{ratio:g}", goal, met, str(result.get("time", "?"))]
+                                  for result in results for measure, ratio, goal, met in rows(result)])
 
 
 def main() -> None:

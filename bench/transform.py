@@ -16,7 +16,7 @@ that CLIP folder's), on Tiny ImageNet validation files:
    `pipeline_over_forward` is the fastest pipeline's images/s over the tower's: above 1, decoding and
    preprocessing keep up with the model on this machine.
 
-    python -m bench.transform                 # 1024 images, ~1.5 minutes on 2 cores (half of it the tower)
+    python -m bench.transform                 # 1024 images (the tower's forward pass takes much of it)
     python -m bench.transform --images 320
     python -m bench.transform --smoke         # a few seconds
 """

@@ -12,7 +12,7 @@ much caching buys depends on the text tower's cost next to the image tower's, so
 weights: the same cost per image and per prompt as the real one).
 
     python -m bench.zeroshot                          # tiny CLIP, all 10,000 validation images, 200 classes
-    python -m bench.zeroshot --architecture vit-b-16 --images 128 --repeats 1   # ~3 minutes on 2 cores
+    python -m bench.zeroshot --architecture vit-b-16 --images 128 --repeats 1   # minutes on a CPU
     python -m bench.zeroshot --prompts ensemble       # 8 templates per class
     python -m bench.zeroshot --smoke                  # a few seconds
 """

@@ -21,7 +21,7 @@ to apply them); the tiny CLIP's ratios are printed without a goal (its preproces
 encoder). Every image must be readable: the pipeline has no policy for a broken file.
 
     python -m bench.zeroshot_pipeline                                       # tiny CLIP, 200 images
-    python -m bench.zeroshot_pipeline --architecture vit-b-16 --images 128 --floor-images 32   # ~6 minutes, 2 cores
+    python -m bench.zeroshot_pipeline --architecture vit-b-16 --images 128 --floor-images 32   # minutes on a CPU
     python -m bench.zeroshot_pipeline --smoke                               # a few seconds
 """
 from __future__ import annotations
@@ -66,8 +66,8 @@ def forward_only(model, pixel_batches) -> None:
 
 
 def warm_up(function, passes: int = 3, enough_s: float = 2.0) -> None:
-    """The first calls on each input shape set up kernels and buffers (~0.4 s on the tiny CLIP, whose whole
-    forward pass then takes ~10 ms): repeat until that is paid, or stop once a pass takes seconds
+    """The first calls on each input shape set up kernels and buffers (on the tiny CLIP, many times its whole
+    forward pass): repeat until that is paid, or stop once a pass takes seconds
     (ViT-B/16), next to which the setup is noise."""
     for _ in range(passes):
         if common.timed(function)[1] > enough_s:

@@ -56,6 +56,25 @@ def test_report_table_and_plot(tmp_path):
     assert (tmp_path / "cm.png").stat().st_size > 1000 and figure is not None
 
 
+def test_top_classes_are_best_first_with_the_best_ones_probability():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0], [5.0, -1.0, 5.5, 0.0]])
+    ids, probability = evaluate.top_classes(logits, 3)
+    assert ids.tolist() == [[1, 3, 2], [2, 0, 3]] and isinstance(probability, np.ndarray)
+    np.testing.assert_allclose(probability, logits.softmax(dim=-1).max(dim=-1).values.numpy(), rtol=1e-6)
+
+
+def test_text_tables_align_their_columns():
+    import tables
+
+    text = tables.text_table(["rank", "name", "score"], [[1, "a long name", "0.5000"], [10, "b", "failed"]],
+                             right=(0, 2))
+    assert text.splitlines() == ["rank  name          score",
+                                 "----  -----------  ------",
+                                 "   1  a long name  0.5000",
+                                 "  10  b            failed"]
+    assert tables.markdown_table(["a", "b"], [["1", "2"]]) == "| a | b |\n| --- | --- |\n| 1 | 2 |"
+
+
 def test_results_file_contract(tmp_path):
     metrics = {"svc": {"validation": {"accuracy": 0.9}, "test": {"accuracy": 0.8}}}
     path = evaluate.write_results(tmp_path, "exercise_x", {"seed": 1}, metrics, {"total": 1.5},

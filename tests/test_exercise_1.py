@@ -8,6 +8,7 @@ import sys
 
 import evaluate
 import exercise_1
+import saved_classifiers
 import sweep
 import utils
 from conftest import ROOT, write_csv_dataset
@@ -123,7 +124,7 @@ def test_past_the_exact_svcs_size_auto_approximates_its_kernel_and_says_so(tmp_p
     assert "svc_solver=auto fits the SVC approximately" in capsys.readouterr().out
     assert results["classifiers"]["svc"]["solver"] == "approximate"
     assert results["classifiers"]["logreg"]["solver"] == "exact"
-    svc, _ = exercise_1.load_classifier(run_dir, "svc")                # a Nystroem map and a linear SVM, from skops
+    svc, _ = saved_classifiers.load_fitted_classifier(run_dir, "svc")  # a Nystroem map and a linear SVM, from skops
     assert [type(step).__name__ for step in svc] == ["StandardScaler", "Nystroem", "LinearSVC"]
     assert svc[1].n_components == 50 and svc[1].gamma == pytest.approx(1 / 32, rel=1e-3)   # SVC's gamma="scale"
     rows = evaluate.read_predictions(run_dir / "predictions" / "svc_test.csv")[:5]
@@ -136,6 +137,31 @@ def test_past_the_exact_svcs_size_auto_approximates_its_kernel_and_says_so(tmp_p
     approximate, reference = (np.array([r["metrics"]["svc"][split]["accuracy"] for split in ("validation", "test")])
                               for r in (results, exact))
     assert np.abs(approximate - reference).max() <= 0.1
+
+
+def test_logistic_regression_is_fit_in_float64_to_its_minimum():
+    """Its score is a property of the features, not of the machine: fit_classifier hands lbfgs float64 features (in
+    float32 its gradient rounded with BLAS's thread count, and the fit ended elsewhere) and runs it until it is at
+    the loss's minimum, where a far tighter fit ends too; predict_scored scores float32 features as float64 ones."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(0)
+    mixing = rng.normal(size=(64, 64)).astype(np.float32)      # correlated features, as an encoder's are
+    features = {split: rng.normal(size=(rows, 64)).astype(np.float32) @ mixing
+                for split, rows in (("train", 600), ("validation", 200))}
+    labels = {split: (array[:, :8].sum(1) + rng.normal(scale=2, size=len(array)) > 0).astype(int)
+              for split, array in features.items()}
+    classifier, _ = exercise_1.fit_classifier("logreg", utils.parse_config(exercise_1.CONFIG, []), features, labels)
+    assert classifier[-1].coef_.dtype == np.float64
+    minimum = make_pipeline(StandardScaler(), LogisticRegression(tol=1e-12, max_iter=10_000))
+    minimum.fit(features["train"].astype(np.float64), labels["train"])
+    np.testing.assert_allclose(classifier[-1].coef_, minimum[-1].coef_, atol=1e-5)
+    scored = exercise_1.predict_scored(classifier, features["validation"])
+    for ours, wide in zip(scored, exercise_1.predict_scored(classifier, features["validation"].astype(np.float64))):
+        np.testing.assert_array_equal(ours, wide)
 
 
 def test_long_work_shows_its_start_elapsed_time_and_end(capsys):
@@ -185,7 +211,7 @@ def test_a_vision_model_is_refused(tmp_path, rt_dir):
 
 
 def test_hub_ids_offline_fail_with_the_offline_route(tmp_path, rt_dir):
-    """With no Hub, the defaults stop at once (no 30-60 s of retries) and say what to do instead."""
+    """With no Hub, the defaults stop at once (without the libraries' retries) and say what to do instead."""
     for args, name in (([], "cornell-movie-review-data/rotten_tomatoes"), ([f"dataset={rt_dir}"], "distilbert-base-uncased")):
         result = subprocess.run([sys.executable, "exercise_1.py", f"output_dir={tmp_path}", *args], cwd=ROOT,
                                 capture_output=True, text=True, timeout=60)
@@ -202,3 +228,23 @@ def test_real_minilm_on_full_rotten_tomatoes(tmp_path, minilm_path, rt_dir, pool
                       for stage, splits in results["metrics"].items()}), results["throughput_sentences_per_s"])
     assert results["metrics"]["svc"]["test"]["accuracy"] >= floor
     assert results["metrics"]["logreg"]["test"]["accuracy"] >= floor - 0.02
+    # refitted on the run's cached features with BLAS on one thread and on two, logistic regression scores as
+    # the run did: its numbers are the features', whatever the machine's thread count
+    import numpy as np
+    from safetensors import safe_open
+    from threadpoolctl import threadpool_limits
+
+    import data
+
+    features = {}
+    for path in (tmp_path / "cache").glob("features-*.safetensors"):
+        with safe_open(str(path), framework="numpy") as entry:
+            features[json.loads(entry.metadata()["key"])["split"]] = entry.get_tensor("features")
+    splits = data.load_text_dataset(str(rt_dir), "text", "label", results["config"]["seed"])
+    labels = {split: np.asarray(dataset["label"]) for split, dataset in splits.items()}
+    for threads in (1, 2):
+        with threadpool_limits(threads):
+            classifier, _ = exercise_1.fit_classifier("logreg", results["config"], features, labels)
+        for split in ("validation", "test"):
+            accuracy = float((exercise_1.predict_scored(classifier, features[split])[0] == labels[split]).mean())
+            assert accuracy == results["metrics"]["logreg"][split]["accuracy"], (threads, split)

@@ -26,11 +26,6 @@ def test_pool_shapes_and_mask_aware_mean():
         exercise_1.pool(hidden, mask, "max")
 
 
-def test_pad_batch():
-    input_ids, mask = exercise_1.pad_batch([[5, 6, 7], [8]], pad_id=0)
-    assert input_ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
-
-
 def naive_features(model, tokenizer, texts, pooling, max_length):
     """The course's way: one sentence at a time, no padding at all."""
     rows = []
@@ -56,6 +51,46 @@ def test_batched_extraction_equals_naive_reference(tiny_distilbert, rt_dir, pool
     reference = naive_features(model, tokenizer, texts, pooling, max_length=64)
     assert batched.shape == (37, 32) and batched.dtype == np.float32
     np.testing.assert_allclose(batched, reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_the_fast_path_gives_the_plain_loops_features(tiny_distilbert, rt_dir, pooling):
+    """extract_features (length-sorted batches on worker threads) computes embed_texts's features, the lesson's
+    loop over batches in the texts' order; both pad after the text, also with a tokenizer that pads before it."""
+    from transformers import AutoModel, AutoTokenizer
+
+    model = AutoModel.from_pretrained(tiny_distilbert).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_distilbert)
+    texts = data.load_rt_polarity(rt_dir)["splits"]["validation"]["text"][:21] + ["short", " ".join(["long"] * 300)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        fast = exercise_1.extract_features(model, tokenizer, texts, pooling, max_length=64, batch_size=4)
+    finally:
+        torch.set_num_threads(threads)
+    plain = exercise_1.embed_texts(model, tokenizer, texts, pooling, max_length=64, batch_size=8)
+    assert plain.shape == fast.shape == (23, 32) and plain.dtype == fast.dtype == np.float32
+    np.testing.assert_allclose(fast, plain, atol=1e-5, rtol=1e-5)
+    tokenizer.padding_side = "left"
+    left = exercise_1.embed_texts(model, tokenizer, texts, pooling, max_length=64, batch_size=8)
+    np.testing.assert_allclose(left, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_a_tokenizer_without_a_pad_token_pads_with_its_end_token(tiny_distilbert, tmp_path):
+    """GPT-style tokenizers have no pad token: load_encoder pads with the end-of-text token, which the attention
+    mask hides, so the features are those of the same model padding with [PAD]."""
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = tmp_path / "no-pad-token"
+    AutoModel.from_pretrained(tiny_distilbert).save_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_distilbert)
+    tokenizer.pad_token, tokenizer.eos_token = None, "[SEP]"
+    tokenizer.save_pretrained(folder)
+    model, loaded = exercise_1.load_encoder(str(folder))
+    texts = ["a fine film", "a long and rather dull film about nothing much at all", "short"]
+    padded = exercise_1.embed_texts(model, loaded, texts, "mean", batch_size=3)
+    np.testing.assert_allclose(padded, exercise_1.embed_texts(model, AutoTokenizer.from_pretrained(tiny_distilbert),
+                                                              texts, "mean", batch_size=3), atol=1e-5)
 
 
 def test_cache_hit_and_miss(tmp_path):

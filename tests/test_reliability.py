@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from pathlib import Path
 
 import hub
 import exercise_1
@@ -64,7 +65,7 @@ def test_read_only_output_folder(tmp_path):
         if os.access(locked, os.W_OK):  # root ignores permission bits; use an impossible path instead
             locked = tmp_path / "file-not-folder"
             locked.write_text("x")
-        with pytest.raises(utils.LabError, match="cannot write to output folder"):
+        with pytest.raises(utils.LabError, match="cannot write to output folder|is a file, but the project keeps"):
             utils.prepare_run_dir(str(locked), "run", "exercise_1")
     finally:
         (tmp_path / "locked").chmod(stat.S_IRWXU)
@@ -116,8 +117,9 @@ def test_an_unusable_output_dir_is_refused_before_data_or_model(tmp_path, capsys
     blocker.write_text("x")
     result = subprocess.run([sys.executable, "exercise_2.py", f"output_dir={blocker}/runs", "dataset=/no/such/data"],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.startswith("error: cannot write to output folder") and "dataset" not in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "dataset" not in result.stderr
+    assert result.stderr == (f"error: {blocker} is a file, but the project keeps a folder there (output_dir "
+                             f"{blocker}/runs is in it); move or remove it\n")
 
 
 def test_messages_suggest_only_keys_the_script_has(tmp_path, capsys):
@@ -154,3 +156,99 @@ def test_two_runs_started_together_both_keep_their_results(tmp_path, tiny_distil
     results = [json.loads(path.read_text()) for path in sorted(tmp_path.glob("*/results.json"))]
     assert len(results) == 2 and results[0]["metrics"] == results[1]["metrics"]
     assert len({path.parent for path in tmp_path.glob("*/results.json")}) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# A plain file where the project keeps a folder of its own: one line naming it, exit code 2
+# ---------------------------------------------------------------------------------------------
+
+def file_in_place(folder, relative: str):
+    """A plain file at `relative` inside `folder` (its parent folders made), where the project keeps a folder."""
+    path = folder / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("not a folder\n")
+    return path
+
+
+def refusal(path, what: str) -> str:
+    return f"{path} is a file, but the project keeps a folder there ({what}); move or remove it"
+
+
+# the file's place below tmp_path, the arguments beyond the tiny ones, and what the message says is kept there
+EXERCISE_1_FOLDERS = {"output_dir": ("runs", [], "output_dir, where run folders go"),
+                      "feature cache": ("runs/cache", [], "the feature cache of exercise 1 and of exercise 3's linear probe"),
+                      "run folder": ("runs/r", ["run_name=r"], "the run folder"),
+                      "run folder to overwrite": ("runs/r", ["run_name=r", "overwrite=true"], "the run folder")}
+
+
+@pytest.mark.parametrize("folder", EXERCISE_1_FOLDERS)
+def test_exercise_1_refuses_a_file_in_place_of_its_folders(tmp_path, tiny_distilbert, rt_dir, folder):
+    relative, args, what = EXERCISE_1_FOLDERS[folder]
+    path = file_in_place(tmp_path, relative)
+    with pytest.raises(utils.LabError) as error:
+        exercise_1.main([f"model_name={tiny_distilbert}", f"dataset={rt_dir}", f"output_dir={tmp_path / 'runs'}",
+                         "max_train_samples=20", "max_eval_samples=10", "wandb_mode=disabled", "tensorboard=false",
+                         *args])
+    assert str(error.value) == refusal(path, what)
+    assert sorted(str(found.relative_to(tmp_path)) for found in tmp_path.rglob("*")) == \
+        sorted(str(Path(relative).parents[i]) for i in range(len(Path(relative).parts) - 1)) + [relative]
+
+
+# a resumed run finds its folders in the run folder already: what the message says each keeps, and the
+# settings under which the run uses it
+RESUMED_FOLDERS = {"predictions": ("the per-sample predictions", {}),
+                   "adapter": ("the LoRA adapter", {"lora.enabled": "true"}),
+                   "tensorboard": ("TensorBoard's event files", {"tensorboard": "true"}),
+                   "wandb": ("the W&B run", {"wandb_mode": "offline"})}
+
+
+@pytest.mark.parametrize("folder", RESUMED_FOLDERS)
+def test_a_resumed_run_of_exercise_2_refuses_a_file_in_place_of_its_folders(tmp_path, tiny_distilbert, rt_dir,
+                                                                            folder):
+    import exercise_2
+    from test_exercise_2 import tiny_args
+
+    what, settings = RESUMED_FOLDERS[folder]
+    path = file_in_place(tmp_path, f"runs/cut/{folder}")
+    with pytest.raises(utils.LabError) as error:
+        exercise_2.main(tiny_args(tiny_distilbert, rt_dir, tmp_path / "runs", run_name="cut", resume="true",
+                                  **settings))
+    assert str(error.value) == refusal(path, what)
+    assert [found.name for found in (tmp_path / "runs" / "cut").iterdir()] == [folder], "refused before training"
+
+
+@pytest.mark.parametrize("folder, what", [("checkpoints", "exercise 3's training checkpoints"),
+                                          ("model", "exercise 3's fine-tuned model")])
+def test_a_resumed_run_of_exercise_3_refuses_a_file_in_place_of_its_folders(tmp_path, clip_tokenizer_dir,
+                                                                            tiny_imagenet_dir, folder, what):
+    import exercise_3
+    from test_exercise_3 import tiny_args
+    from tools import build_tiny_clip
+
+    model = build_tiny_clip.build_tiny_clip(tmp_path / "tiny-clip", tokenizer_dir=str(clip_tokenizer_dir))
+    path = file_in_place(tmp_path, f"runs/cut/{folder}")
+    with pytest.raises(utils.LabError) as error:
+        exercise_3.main(tiny_args(model, tiny_imagenet_dir, tmp_path / "runs", run_name="cut", resume="true",
+                                  **({"lora.enabled": "false"} if folder == "model" else {})))
+    assert str(error.value) == refusal(path, what)
+
+
+def test_a_sweep_refuses_a_file_in_place_of_its_folder(tmp_path, tiny_distilbert, rt_dir):
+    import sweep
+
+    path = file_in_place(tmp_path, "runs/grid")
+    with pytest.raises(utils.LabError) as error:
+        sweep.main([str(ROOT / "exercise_1.py"), f"model_name={tiny_distilbert}", f"dataset={rt_dir}",
+                    "svc_C=0.5,1", f"output_dir={tmp_path / 'runs'}", "run_name=grid"])
+    assert str(error.value) == refusal(path, "the sweep's folder")
+    assert [found.name for found in (tmp_path / "runs").iterdir()] == ["grid"], "no point ran"
+
+
+def test_a_file_in_place_of_the_feature_cache_ends_the_command_in_one_line(tmp_path, tiny_distilbert, rt_dir):
+    path = file_in_place(tmp_path, "runs/cache")
+    result = subprocess.run([sys.executable, "exercise_1.py", f"model_name={tiny_distilbert}", f"dataset={rt_dir}",
+                             f"output_dir={tmp_path / 'runs'}", "max_train_samples=20", "max_eval_samples=10",
+                             "wandb_mode=disabled", "tensorboard=false"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "error: " + refusal(path, "the feature cache of exercise 1 and of exercise 3's linear probe")

@@ -103,9 +103,9 @@ def test_sweep_continues_after_a_failed_point(fake_script, tmp_path, capsys):
     best = 0.5 + 2e-4 * 1000 + 32 / 1000
     # each point's score as it finishes, and the ranking at the end
     assert f"[6/6] grid-learning_rate=2e-4-batch_size=32: fine_tuned validation accuracy {best:.4f}" in printed
-    ranking = printed[printed.index("rank"):].splitlines()
-    assert ranking[1].split()[:3] == ["1", "grid-learning_rate=2e-4-batch_size=32", f"{best:.4f}"]
-    assert ranking[6].split()[1:3] == ["grid-learning_rate=9-batch_size=32", "failed"]
+    ranking = printed[printed.index("rank"):].splitlines()       # a header, its rule, then the points
+    assert ranking[2].split()[:3] == ["1", "grid-learning_rate=2e-4-batch_size=32", f"{best:.4f}"]
+    assert ranking[7].split()[1:3] == ["grid-learning_rate=9-batch_size=32", "failed"]
 
     # the report renders the sweep: every point, the failures, the best point in bold, a plot
     text = report.write_report(out, tensorboard=False).read_text()

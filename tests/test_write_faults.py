@@ -176,7 +176,7 @@ def test_an_error_that_is_no_write_fault_keeps_its_traceback(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 def test_exercise_1_on_a_disk_that_fills_while_saving(tmp_path, tiny_distilbert, rt_dir, monkeypatch, capsys):
-    """400 KB: the run folder is made, then the ~150 KB predictions files fill it."""
+    """400 KB: the run folder is made, then the predictions files (over a third of it) fill it."""
     with small_disk(tmp_path / "runs", 400 * 1024) as runs:
         code, err = cli(monkeypatch, capsys, exercise_1.main,
                         ex1_args(tiny_distilbert, rt_dir, runs, max_eval_samples=None, cache_features=False))
