@@ -8,6 +8,9 @@ BERT/MiniLM, RoBERTa and CLIP; on CLIP a `text_model.` or `vision_model.` prefix
 """
 from __future__ import annotations
 
+import re
+import warnings
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from utils import LabError
@@ -21,7 +24,8 @@ ATTENTION_NAMES = {
 }
 CLIP_TOWERS = ("vision_model", "text_model")
 
-__all__ = ["apply_lora", "count_parameters", "lora_config", "save_adapter", "load_adapter", "merge"]
+__all__ = ["apply_lora", "count_parameters", "lora_config", "save_adapter", "load_adapter", "merge", "initial_weights",
+           "interpolated"]
 
 
 def resolve_target_modules(model_type: str, target_modules: list[str]) -> list[str]:
@@ -63,7 +67,8 @@ def apply_lora(model, lora_cfg: dict, task_type: str | None = "SEQ_CLS"):
 
     model_type = model.config.model_type
     try:
-        return get_peft_model(model, lora_config(lora_cfg, model_type, task_type))
+        with _quiet_wrapping():
+            return get_peft_model(model, lora_config(lora_cfg, model_type, task_type))
     except ValueError as error:
         available = sorted({name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name})
         raise LabError(f"lora.target_modules {lora_cfg['target_modules']} do not fit {model_type}: {error}. "
@@ -81,7 +86,17 @@ def save_adapter(model, path: Path) -> Path:
 def load_adapter(base_model, path: Path, trainable: bool = False):
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(base_model, str(path), is_trainable=trainable)
+    with _quiet_wrapping():
+        return PeftModel.from_pretrained(base_model, str(path), is_trainable=trainable)
+
+
+@contextmanager
+def _quiet_wrapping():
+    """PEFT, wrapping a model, reads transformers 5's deprecated `is_gradient_checkpointing`: a FutureWarning no
+    user of these scripts can act on. Only that warning is silenced, and only inside the block."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def merge(model):
@@ -94,3 +109,42 @@ def count_parameters(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
+
+
+def initial_weights(model) -> dict:
+    """By parameter name, on the CPU, the value before training of every trained weight that no adapter scale
+    reaches: for a PEFT model the originals of its modules_to_save, which PEFT keeps beside the trained copies
+    (right before and after training); for a plain model every trainable weight (right before training only)."""
+    parameters = dict(model.named_parameters())
+    if hasattr(model, "peft_config"):
+        copies = [name for name in parameters if ".modules_to_save." in name]
+        return {name: parameters[re.sub(r"\.modules_to_save\.[^.]+\.", ".original_module.", name)].detach().to(
+            "cpu", copy=True) for name in copies}
+    return {name: weight.detach().to("cpu", copy=True) for name, weight in parameters.items() if weight.requires_grad}
+
+
+@contextmanager
+def interpolated(model, alpha: float, initial: dict):
+    """Inside the block, the model a fraction `alpha` of the way from its weights before training (0) to the trained
+    ones (1): weight-space ensembling, WiSE-FT (Wortsman et al. 2022, "Robust fine-tuning of zero-shot models").
+    LoRA's update W0 + s*BA is scaled through peft's rescale_adapter_scale, which for an adapter is exactly that
+    interpolation; every weight in `initial` (initial_weights) is set to lerp(initial, trained, alpha). All restored
+    after. torch.lerp returns its start exactly at 0 and its end at 1, so those scales are the two models."""
+    import torch
+    from peft.helpers import rescale_adapter_scale
+    from peft.tuners.lora import LoraLayer
+
+    parameters = dict(model.named_parameters())
+    trained = {name: parameters[name].detach().clone() for name in initial}
+    has_adapters = any(isinstance(module, LoraLayer) for module in model.modules())
+    with rescale_adapter_scale(model, alpha) if has_adapters else nullcontext():
+        try:
+            with torch.no_grad():
+                for name, start in initial.items():
+                    weight = parameters[name]
+                    weight.copy_(torch.lerp(start.to(weight.device, weight.dtype), trained[name], float(alpha)))
+            yield model
+        finally:
+            with torch.no_grad():
+                for name, value in trained.items():
+                    parameters[name].copy_(value)

@@ -30,6 +30,7 @@ import evaluate
 import faults
 import images
 import plots
+import probe
 import training
 import utils
 
@@ -45,6 +46,14 @@ CONFIG = {
     # zero-shot classification
     "prompts": "single",             # "single" ("a photo of a {}."), "ensemble" (8, ours) or "imagenet80" (CLIP's 80); features averaged
     "eval_batch_size": 32,           # images per forward pass when evaluating (on a CPU larger batches outgrow the caches; a GPU may take more)
+    # the linear probe: logistic regression on the frozen image features of the train images (probe.py)
+    "linear_probe": True,            # fit the probe stages before training (False skips them)
+    "probe_features": "pre_projection",  # "pre_projection": the image tower's pooled output, as the CLIP paper probes; "embedding": after the projection
+    "probe_shots": [1, 2, 4, 8, 16, "all"],  # train images per class, one probe each (seeded); "all": every image the carve leaves
+    "probe_C": [0.001, 0.01, 0.1, 1.0, 10.0, 100.0],  # inverse L2 strengths tried; the best on the carved split is kept
+    "probe_validation_fraction": 0.2,  # of each class's train images, carved out to choose C on
+    "probe_max_iter": 1000,          # lbfgs iterations per fit
+    "cache_features": True,          # reuse the probe's image features from <output_dir>/cache when nothing changed
     # fine-tuning
     "loss": "clip",                  # "clip": in-batch symmetric contrastive (the reference); "class": vs all classes
     "train_template": "a photo of a {}.",  # prompt paired with each training image; {} is its class name
@@ -78,6 +87,9 @@ CONFIG = {
         "modules_to_save": [],       # whole modules trained too, e.g. visual_projection,text_projection
         "learning_rate": 5e-4,       # replaces learning_rate: adapters start at zero and need larger steps
     },
+    # adapter interpolation (WiSE-FT): after training, the trained update scaled by each alpha and evaluated again
+    "wise_alphas": [0.0, 0.5, 1.0],  # 0 = the model before training, 1 = the trained one; [] skips
+    "forgetting_dataset": None,      # another image set (ImageFolder or release folder) scored zero-shot at every alpha
     "num_sample_images": 16,         # in the grid of sample predictions
     # run bookkeeping and logging
     "output_dir": "runs",            # where run folders go
@@ -90,16 +102,18 @@ CONFIG = {
     "trust_remote_code": False,      # run code shipped with a Hub model; only for models you trust
 }
 CHOICES = {**training.CHOICES, "bad_images": ("skip", "fail"), "prompts": tuple(clip.TEMPLATES),
-           "loss": ("clip", "class"), "eval_strategy": ("no", "epoch", "steps")}
-POSITIVE = (*training.POSITIVE, "max_classes", "save_steps")
+           "loss": ("clip", "class"), "eval_strategy": ("no", "epoch", "steps"), "probe_features": probe.FEATURES}
+POSITIVE = (*training.POSITIVE, "max_classes", "save_steps", "probe_C", "probe_max_iter")
 NON_NEGATIVE = (*training.NON_NEGATIVE, "num_sample_images")
-FRACTIONS = training.FRACTIONS
+FRACTIONS = (*training.FRACTIONS, "probe_validation_fraction")
 INTEGERS = (*training.INTEGERS, "max_classes")
 
 
 def main(argv: list[str] | None = None, callbacks=()):
-    """Run exercise 3; `callbacks`: extra TrainerCallbacks (e.g. EarlyStoppingCallback)."""
+    """Run exercise 3; `callbacks`: extra TrainerCallbacks. The zero-shot validation during training reaches them
+    through on_log (its eval_* metrics), not on_evaluate: the Trainer's own evaluation does not run."""
     from accelerate import PartialState
+    from transformers import TrainingArguments
 
     # 1. config; under torchrun every process runs all of this, only the main one writes results
     config = utils.parse_config(CONFIG, argv or [], CHOICES, POSITIVE, __file__, non_negative=NON_NEGATIVE,
@@ -123,6 +137,13 @@ def main(argv: list[str] | None = None, callbacks=()):
     names = splits["train"].features["label"].names
     print(f"data: {', '.join(f'{s} {len(d)}' for s, d in splits.items())} images; {len(names)} classes, "
           f"e.g. {names[:5]}")
+    other_names = None
+    if config["forgetting_dataset"]:        # scored zero-shot with its own class names at every wise_alphas scale
+        with utils.timed(timing, "load_forgetting_data"):
+            other = images.load_image_dataset(config["forgetting_dataset"], config["seed"], None,
+                                              config["max_eval_samples"], None, config["class_names"])["validation"]
+        other_names = other.features["label"].names
+        print(f"forgetting set: {len(other)} images of {len(other_names)} classes from {config['forgetting_dataset']}")
 
     # 3. the model (checked before a run folder exists: a text-only model is refused here), the lazy
     #    image transforms and the collator that pairs each image with its class prompt
@@ -151,22 +172,51 @@ def main(argv: list[str] | None = None, callbacks=()):
     print(f"zero-shot: accuracy {results['zero_shot'].metrics['accuracy']:.4f}, "
           f"{results['zero_shot'].images_per_second} images/s")
 
-    # 5. LoRA adapters (or every weight) trained with the contrastive CLIPTrainer
+    # 5. the `linear_probe` stages (probe.py): the frozen image features of the train images into logistic
+    #    regression, C chosen on a split carved from train, one probe per number of images per class in
+    #    probe_shots; scored on the same validation images. Features are cached, keyed by what changes them
+    probes = {}
+    if config["linear_probe"]:
+        with utils.timed(timing, "linear_probe"), faults.stage("the linear probe", kept):
+            plain_train = splits["train"].with_transform(clip.ImageTransform(image_processor, config["bad_images"]))
+            features = {split: probe.cached_image_features(
+                run_dir.parent / "cache", config["model_name"], model, splits[split], data, collator, split, config,
+                precision, workers, config["cache_features"])
+                for split, data in (("train", plain_train), ("validation", evaluation))}
+            found, probes, fit_seconds = probe.probe_stages(
+                features["train"], np.asarray(splits["train"]["label"]), features["validation"],
+                np.asarray(splits["validation"]["label"]), names, config)
+        results.update(found)
+        timing.update(fit_seconds)
+
+    # 6. LoRA adapters (or every weight) trained with the contrastive CLIPTrainer
     tuned = "lora" if config["lora"]["enabled"] else "fine_tuned"
     if config["lora"]["enabled"]:
         model = LoRA.apply_lora(model, config["lora"], task_type=None)
     trainable, total = LoRA.count_parameters(model)
     print(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.3f}%)")
-    args = training.training_arguments(
-        config, run_dir / "checkpoints", run_dir.name, device, save_strategy="steps", save_steps=config["save_steps"],
-        dataloader_num_workers=workers,
-        remove_unused_columns=False)  # the collator needs the `image` and `label` columns the Trainer would drop
+    # the optimisation, the checkpoints (for resume) and when the zero-shot validation runs during training
+    # (clip.ZeroShotEvaluation); reporters, precision, pinned memory and logging as exercise 2's: shared_arguments
+    args = TrainingArguments(
+        output_dir=str(run_dir / "checkpoints"), run_name=run_dir.name, seed=config["seed"],
+        learning_rate=training.learning_rate(config), lr_scheduler_type=config["lr_scheduler_type"],
+        warmup_steps=config["warmup"], weight_decay=config["weight_decay"], max_grad_norm=config["max_grad_norm"],
+        per_device_train_batch_size=config["batch_size"],
+        gradient_accumulation_steps=config["gradient_accumulation_steps"],
+        num_train_epochs=config["num_train_epochs"], max_steps=config["max_steps"] or -1,  # -1: the epochs decide
+        save_strategy="steps", save_steps=config["save_steps"], save_total_limit=config["save_total_limit"],
+        eval_strategy=config["eval_strategy"],
+        eval_steps=config["eval_steps"] if config["eval_strategy"] == "steps" else None,
+        per_device_eval_batch_size=config["eval_batch_size"], dataloader_num_workers=workers,
+        remove_unused_columns=False,  # the collator needs the `image` and `label` columns the Trainer would drop
+        **training.shared_arguments(config, device))
     stop = training.StopOnSignal()
     trainer = clip.CLIPTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=evaluation,
                                data_collator=collator, processing_class=tokenizer, class_names=names,
                                templates=templates, loss=config["loss"],
                                callbacks=[*callbacks, clip.AugmentationEpoch(train_transform), stop.callback()])
     checkpoint = training.resume_checkpoint(config, run_dir / "checkpoints", main_process)
+    initial = LoRA.initial_weights(model) if config["wise_alphas"] else {}   # the weights wise_alphas starts from
     with utils.timed(timing, "train"), training.guarded(trainer, stop, run_dir / "checkpoints", config, loggers):
         train_output = trainer.train(resume_from_checkpoint=checkpoint)
     with faults.stage("saving the trained weights", kept):
@@ -175,19 +225,39 @@ def main(argv: list[str] | None = None, callbacks=()):
         elif main_process:              # every weight trained: the whole model, for predict.py, written whole
             faults.replace_whole(run_dir / "model", model.save_pretrained)
 
-    # 6. the trained stage: the same evaluation, its head built anew from the trained text tower
+    # 7. the trained stage: the same evaluation, its head built anew from the trained text tower
     with utils.timed(timing, "evaluate"), faults.stage(f"the {tuned} evaluation", kept):
         classifier = clip.build_zero_shot_classifier(model, tokenizer, names, templates, precision=precision)
         results[tuned] = clip.evaluate_zero_shot(model, classifier, names, evaluation, collator,
                                                  config["eval_batch_size"], workers, desc=f"zero-shot after {tuned}",
                                                  precision=precision)
+
+    # 8. adapter interpolation (WiSE-FT): the model a fraction alpha of the way from before training (0) to
+    #    trained (1), evaluated again, and on the forgetting set: what the adaptation costs elsewhere
+    forgetting = {}
+    for alpha in config["wise_alphas"]:
+        stage = f"{tuned}_scale_{alpha:g}"
+        with utils.timed(timing, stage), faults.stage(f"the {stage} evaluation", kept), \
+                LoRA.interpolated(model, alpha, initial):
+            classifier = clip.build_zero_shot_classifier(model, tokenizer, names, templates, precision=precision)
+            results[stage] = clip.evaluate_zero_shot(model, classifier, names, evaluation, collator,
+                                                     config["eval_batch_size"], workers, desc=stage, precision=precision)
+            if config["forgetting_dataset"]:
+                head = clip.build_zero_shot_classifier(model, tokenizer, other_names, templates, precision=precision)
+                forgetting[stage] = clip.evaluate_zero_shot(
+                    model, head, other_names, other.with_transform(clip.ImageTransform(image_processor, config["bad_images"])),
+                    clip.ImageTextCollator(tokenizer, other_names, config["train_template"], clip.text_max_length(model)),
+                    config["eval_batch_size"], workers, desc=f"{stage} (forgetting set)", split="forgetting",
+                    precision=precision)
     timing["total"] = round(time.perf_counter() - start, 3)
     if not main_process:
         return run_dir
 
-    # 7. plots, logs, results file (main process only)
+    # 9. plots, logs, results file (main process only)
     with faults.stage("writing the results", kept):
         metrics = {stage: {"validation": result.metrics} for stage, result in results.items()}
+        for stage, result in forgetting.items():
+            metrics[stage]["forgetting"] = result.metrics
         figures = {
             "per_class_accuracy_change": plots.plot_per_class_change(results["zero_shot"].per_class_recall,
                                                                      results[tuned].per_class_recall, names,
@@ -205,6 +275,15 @@ def main(argv: list[str] | None = None, callbacks=()):
                                                               run_dir / f"confusion_{tuned}_validation.png",
                                                               f"{tuned} on validation"),
         }
+        if probes:
+            figures["few_shot"] = plots.plot_few_shot(
+                [(info["images_per_class"], results[stage].metrics["accuracy"], info["shots"]) for stage, info in probes.items()],
+                results["zero_shot"].metrics["accuracy"], run_dir / "few_shot.png")
+        if config["wise_alphas"]:
+            scales = [metrics[f"{tuned}_scale_{alpha:g}"] for alpha in config["wise_alphas"]]
+            figures["interpolation"] = plots.plot_interpolation(
+                config["wise_alphas"], {split: [scale[split]["accuracy"] for scale in scales] for split in scales[0]},
+                tuned, run_dir / "interpolation.png")
         # step=None: W&B appends these after the Trainer's own steps instead of dropping them as out of order
         for stage in metrics:
             loggers.log_metrics(metrics[stage], prefix=f"{stage}.", step=None)
@@ -236,6 +315,9 @@ def main(argv: list[str] | None = None, callbacks=()):
                       "train_samples_per_second": train_output.metrics.get("train_samples_per_second"),
                       "resumed_from": checkpoint, "device": device, "processes": distributed.num_processes,
                       "precision": precision, "dataloader_num_workers": workers},
+            linear_probe=probes, interpolation={"alphas": config["wise_alphas"], "of": tuned,
+                                                "forgetting_dataset": config["forgetting_dataset"],
+                                                "forgetting_label_names": other_names},
             data_sizes={split: len(dataset) for split, dataset in splits.items()}, log_history=trainer.state.log_history)
     loggers.finish()
     confused = ", ".join(f"{pair['true']} -> {pair['predicted']} ({pair['count']})"
@@ -252,6 +334,12 @@ def check_config(config: dict, device: str) -> None:
     training.check_config(config, device, checkpoints="checkpoints")
     if "{}" not in config["train_template"]:
         raise utils.LabError(f"train_template needs a {{}} for the class name, got {config['train_template']!r}")
+    shots = config["probe_shots"]
+    if config["linear_probe"] and (not shots or any(k != "all" and (type(k) is not int or k < 1) for k in shots)):
+        raise utils.LabError(f"probe_shots: each entry is a number of train images per class (>= 1) or 'all', got {shots}")
+    alphas = config["wise_alphas"]
+    if any(type(a) not in (int, float) or not 0 <= a < float("inf") for a in alphas) or len(set(alphas)) < len(alphas):
+        raise utils.LabError(f"wise_alphas: distinct scales >= 0 (0 = before training, 1 = trained) or [], got {alphas}")
 
 
 if __name__ == "__main__":

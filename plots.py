@@ -1,5 +1,5 @@
 """Every figure the project draws: confusion matrices, training curves, per-class changes, sample predictions,
-and the report's comparison and sweep plots.
+few-shot and interpolation curves, and the report's comparison and sweep plots.
 
 Figures are written to files and logged, never shown: this is the one place the matplotlib backend is chosen.
 """
@@ -203,3 +203,38 @@ def plot_comparison(rows: list[dict], path: Path) -> Path | None:
     save_figure(figure, path)
     plt.close(figure)
     return path
+
+
+def plot_few_shot(points: list[tuple], zero_shot: float, path: Path):
+    """Linear-probe accuracy against labelled images per class, with zero-shot as a line (the layout of the CLIP
+    paper's figure 6). `points`: (images per class, accuracy, the probe_shots entry) per probe."""
+    figure, axis = plt.subplots(figsize=(6, 4))
+    points = sorted(points)
+    axis.plot([p[0] for p in points], [p[1] for p in points], "o-", color="tab:blue", label="linear probe")
+    for shots, accuracy, label in points:
+        axis.annotate(str(label), (shots, accuracy), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+    axis.axhline(zero_shot, color="tab:green", linestyle="--", label=f"zero-shot ({zero_shot:.3f})")
+    axis.set_xscale("log", base=2)
+    axis.set_xticks([p[0] for p in points], [f"{p[0]:g}" for p in points])
+    return _finish_curve(figure, axis, "labelled train images per class", "validation accuracy",
+                         "few-shot linear probes vs zero-shot", path)
+
+
+def plot_interpolation(alphas: list[float], accuracy: dict, stage: str, path: Path):
+    """Accuracy against the scale of the trained update (0: the model before training, 1: trained), one line per
+    image set (`accuracy`: set -> one accuracy per alpha)."""
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for (split, values), color in zip(accuracy.items(), ("tab:blue", "tab:orange", "tab:green")):
+        axis.plot(alphas, values, "o-", color=color, label=split)
+    return _finish_curve(figure, axis, f"scale of the {stage} update (0 = before training, 1 = trained)", "accuracy",
+                         "weight-space interpolation (WiSE-FT)", path)
+
+
+def _finish_curve(figure, axis, x_label: str, y_label: str, title: str, path: Path):
+    axis.set_xlabel(x_label)
+    axis.set_ylabel(y_label)
+    axis.set_title(title, fontsize=10)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    save_figure(figure, path)
+    return figure

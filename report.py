@@ -16,7 +16,9 @@ import sys
 from pathlib import Path
 
 import plots
+import report_exercise_3
 from evaluate import RESULTS_FILE
+from tables import markdown_table
 from utils import LabError, flatten, run_cli
 
 SWEEP_FILE = "sweep.json"
@@ -29,11 +31,13 @@ APPROACHES = {
     ("exercise_2", "pretrained"): ("pretrained, untrained head", None),
     ("exercise_2", "fine_tuned"): ("full fine-tuning", "pretrained"),
     ("exercise_3", "zero_shot"): ("CLIP zero-shot", None),
+    ("exercise_3", "linear_probe_all"): ("CLIP linear probe (frozen image features)", "zero_shot"),
     ("exercise_3", "lora"): ("CLIP + LoRA", "zero_shot"),
     ("exercise_3", "fine_tuned"): ("CLIP, every weight fine-tuned", "zero_shot"),
 }
 # Stages whose scores come from a model in which no transformer weight was trained.
 FROZEN_STAGES = ("svc", "logreg", "pretrained", "zero_shot")
+frozen_stage = lambda stage: stage in FROZEN_STAGES or stage.startswith("linear_probe_")   # exercise 3's probes too
 # Config keys that say where and how a run is logged, not what it computes: never a difference worth showing.
 BOOKKEEPING_KEYS = ("output_dir", "run_name", "overwrite", "resume", "wandb_mode", "wandb_project", "tensorboard")
 # The stages a run is judged by, the best on validation counting (otherwise its last stage).
@@ -138,7 +142,7 @@ def parameter_counts(run: dict, stage: str) -> tuple[int | None, int | None]:
     trained (adapters included); frozen stages have 0 trainable and use the model as loaded
     (`base_parameters`, exercise 3, where adapters are added after its frozen stage)."""
     model = run.get("model") or {}
-    frozen = stage in FROZEN_STAGES
+    frozen = frozen_stage(stage)
     total = model.get("base_parameters", model.get("parameters")) if frozen else model.get("parameters")
     return (0 if frozen else model.get("trainable_parameters")), total
 
@@ -147,7 +151,7 @@ def stage_seconds(timing: dict, stage: str) -> float | None:
     """Time spent on a stage: its own timing phase, or training plus evaluation for trained stages."""
     if stage in timing:
         return timing[stage]
-    if stage not in FROZEN_STAGES:
+    if not frozen_stage(stage):
         phases = [timing[phase] for phase in ("train", "evaluate") if phase in timing]
         return sum(phases) if phases else None
     return None
@@ -206,12 +210,6 @@ def fmt(value, kind: str = "") -> str:
     return str(value).replace("|", "\\|")
 
 
-def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def differing_settings(runs: list[dict]) -> dict[str, str]:
     """Per run: its values of the config keys that differ between the runs compared ("key=value, ...")."""
     configs = {run["run"]: flatten(run.get("config") or {}) for run in runs}
@@ -245,6 +243,8 @@ def comparison_rows(runs: list[dict]) -> list[dict]:
     for run in runs:
         metrics = run.get("metrics") or {}
         for stage, splits in metrics.items():
+            if (run.get("exercise"), stage) not in APPROACHES:   # few-shot probes, interpolation scales: their own section
+                continue
             label, baseline = approach(run, stage)
             model = short_name((run.get("model") or {}).get("name"))
             data = short_name((run.get("config") or {}).get("dataset"))
@@ -373,6 +373,8 @@ def build_report(folder: Path) -> tuple[str, list[Path]]:
         exercise_runs = [run for run in runs if run.get("exercise", "?") == exercise]
         rows = [row for run in exercise_runs for row in stage_rows(run)]
         sections += ["", f"## {exercise}", "", exercise_table(rows, differing_settings(exercise_runs))]
+        if exercise == "exercise_3":
+            sections += report_exercise_3.section(exercise_runs, folder, fmt)
     comparison = comparison_rows(runs)
     if comparison:
         sections += ["", "## Comparison across exercises", "",

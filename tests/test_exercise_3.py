@@ -40,8 +40,10 @@ def test_smoke_main_writes_both_stages_logs_and_plots(tiny_clip_dir, tiny_imagen
                                         eval_strategy="steps", eval_steps=2, tensorboard=True,
                                         wandb_mode="offline", prompts="ensemble"))
     results = read_results(run_dir)
-    assert set(results["metrics"]) == {"zero_shot", "lora"}
-    for stage in ("zero_shot", "lora"):
+    # 8 train images a class, 2 carved to choose C: 8 and 16 are the "all" probe; then the three scales
+    probes = ["linear_probe_1shot", "linear_probe_2shot", "linear_probe_4shot", "linear_probe_all"]
+    assert list(results["metrics"]) == ["zero_shot", *probes, "lora", "lora_scale_0", "lora_scale_0.5", "lora_scale_1"]
+    for stage in results["metrics"]:
         values = results["metrics"][stage]["validation"]
         for name in ("accuracy", "top5_accuracy", "precision_macro", "recall_macro", "f1_macro",
                      "mean_per_class_recall"):
@@ -54,8 +56,9 @@ def test_smoke_main_writes_both_stages_logs_and_plots(tiny_clip_dir, tiny_imagen
     assert [entry["step"] for entry in results["log_history"] if "eval_accuracy" in entry] == [2, 4]
     assert results["skipped_images"]["count"] == 0 and results["images_per_second"]["zero_shot"] > 0
     assert len(results["prompts"]) == len(clip.TEMPLATES["ensemble"])
-    for name in ("per_class_accuracy_change.png", "sample_predictions.png", "training_curves.png",
-                 "confusion_lora_validation.png", "adapter/adapter_model.safetensors"):
+    for name in ("per_class_accuracy_change.png", "sample_predictions.png", "training_curves.png", "few_shot.png",
+                 "interpolation.png", "confusion_lora_validation.png", "adapter/adapter_model.safetensors",
+                 *(f"predictions/{stage}_validation.csv" for stage in results["metrics"])):
         assert (run_dir / name).exists(), name
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert list((run_dir / "wandb").glob("offline-run-*"))           # W&B offline, inside the run folder
@@ -109,6 +112,9 @@ def test_unreadable_images_are_skipped_and_counted_or_fatal(tmp_path, tiny_clip_
     assert results["skipped_images"] == {"count": 2, "files": sorted([str(bad_train), str(bad_val)]), "policy": "skip"}
     assert results["data_sizes"] == {"train": 13, "validation": 7}
     assert sum(sum(row) for row in evaluate.read_confusion_matrices(run_dir)["lora"]) == 6    # the readable ones
+    assert sum(sum(row) for row in evaluate.read_confusion_matrices(run_dir)["linear_probe_all"]) == 6
+    probe = results["linear_probe"]["linear_probe_all"]
+    assert probe["train_images"] + probe["carved_images"] == 12          # the probe leaves the cut image out too
     assert "2 unreadable images were skipped" in capsys.readouterr().err
     with pytest.raises(utils.LabError, match="cut.jpg"):
         exercise_3.main([*args, "bad_images=fail"])
@@ -172,6 +178,11 @@ def test_torchrun_two_cpu_processes_gather_features_and_write_one_result(tiny_cl
     assert [row["id"] for row in joined] == list(range(16))
     assert [{**row, "score": None} for row in joined] == [{**row, "score": None} for row in single]
     assert [row["score"] for row in joined] == pytest.approx([row["score"] for row in single], rel=1e-4)
+    # the probe's features computed in two shares: the same probe, the same predictions
+    joined, single = (evaluate.read_predictions(folder / evaluate.PREDICTIONS_DIR / "linear_probe_all_validation.csv")
+                      for folder in (run_dir, alone))
+    assert [{**row, "score": None} for row in joined] == [{**row, "score": None} for row in single]
+    assert [row["score"] for row in joined] == pytest.approx([row["score"] for row in single], rel=1e-3)
 
 
 @pytest.mark.slow
@@ -199,5 +210,6 @@ def test_results_file_stays_small_for_200_classes(tiny_clip_dir, tiny_imagenet_d
                                         max_train_samples=200, max_eval_samples=400, max_steps=1, eval_batch_size=200))
     assert (run_dir / "results.json").stat().st_size < 100_000
     matrices = evaluate.read_confusion_matrices(run_dir)
-    assert {stage: len(matrix) for stage, matrix in matrices.items()} == {"zero_shot": 200, "lora": 200}
+    assert {stage: len(matrix) for stage, matrix in matrices.items()} == {stage: 200 for stage in read_results(run_dir)["metrics"]}
+    assert len(matrices) == 6         # zero-shot, the "all" probe (one image a class: no k below it), lora, 3 scales
     assert read_results(run_dir)["confusion_matrices"] == evaluate.CONFUSION_FILE

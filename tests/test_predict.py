@@ -151,7 +151,7 @@ def test_exercise_3_predict_agrees_with_the_run(tmp_path, tiny_clip_dir, tiny_im
                                         max_classes=4)
     files = check_predictions_files(run_dir, dataset)
     trained = "lora" if lora else "fine_tuned"     # every weight trained: the whole model is in <run>/model
-    assert set(files) == {("zero_shot", "validation"), (trained, "validation")}
+    assert set(files) >= {("zero_shot", "validation"), (trained, "validation")}
     before = {row["id"]: row["score"] for row in files["zero_shot", "validation"]}
     assert any(abs(row["score"] - before[row["id"]]) > 1e-3 for row in files[trained, "validation"]), \
         "training changed nothing: agreeing with the run would not show that predict loaded what it trained"
@@ -171,6 +171,8 @@ def test_exercise_3_predict_agrees_with_the_run(tmp_path, tiny_clip_dir, tiny_im
     zero_shot = files["zero_shot", "validation"][:4]
     assert_agree(predict.main([str(run_dir), *(row["input"] for row in zero_shot), "--stage", "zero_shot"]),
                  zero_shot, top5=True)
+    halfway = files[f"{trained}_scale_0.5", "validation"][:4]       # the run's interpolation, from its saved weights
+    assert_agree(predict.main([str(run_dir), *(row["input"] for row in halfway), "--scale", "0.5"]), halfway, top5=True)
 
 
 def test_a_relative_model_folder_is_found_from_where_the_run_started(tmp_path, monkeypatch):

@@ -193,3 +193,39 @@ def test_report_shows_the_settings_that_differ(runs):
     assert rows["sub/e2-lora"]["settings that differ"] == "lora.enabled=True, lora.r=8"
     assert rows["e2-full"]["settings that differ"] == "lora.enabled=False, lora.r=-"
     assert "settings that differ" not in table(text, "## exercise_1")[0]  # one run: nothing to compare
+
+
+def test_exercise_3_stages_side_by_side_with_the_runs_plots(tmp_path):
+    folder = tmp_path / "runs"
+    with_forgetting = lambda value, other: {"validation": {**scores(value), "top5_accuracy": value + 0.1},
+                                            "forgetting": scores(other)}
+    write_run(folder, "clip", "exercise_3",
+              {"zero_shot": {"validation": {**scores(0.10), "top5_accuracy": 0.3}},
+               "linear_probe_1shot": {"validation": {**scores(0.15), "top5_accuracy": 0.5}},
+               "linear_probe_all": {"validation": {**scores(0.24), "top5_accuracy": 0.7}},
+               "lora": {"validation": {**scores(0.30), "top5_accuracy": 0.8}},
+               "lora_scale_0": with_forgetting(0.10, 0.60), "lora_scale_0.5": with_forgetting(0.22, 0.55),
+               "lora_scale_1": with_forgetting(0.30, 0.40)},
+              {"zero_shot": 4.0, "linear_probe_1shot": 0.5, "linear_probe_all": 1.5, "train": 30.0, "evaluate": 3.0,
+               "lora_scale_0": 3.1, "lora_scale_0.5": 3.2, "lora_scale_1": 3.3, "total": 60.0},
+              {"name": "/tmp/tiny-clip", "base_parameters": 1000000, "parameters": 1005000, "trainable_parameters": 5000},
+              config={"dataset": "/shared/data/tiny-imagenet-200", "class_names": "clip"}, prompts=["a photo of a {}."],
+              linear_probe={"linear_probe_1shot": {"shots": 1, "train_images": 10, "C": 0.1, "features": "pre_projection"},
+                            "linear_probe_all": {"shots": "all", "train_images": 400, "C": 1.0,
+                                                 "features": "pre_projection"}})
+    for name in ("few_shot.png", "interpolation.png"):
+        (folder / "clip" / name).write_bytes(b"png")
+    text = report.write_report(folder).read_text()
+    rows = table(text, "exercise 3's stages side by side")
+    assert [row["stage"] for row in rows] == ["`zero_shot`", "`linear_probe_1shot`", "`linear_probe_all`", "`lora`",
+                                              "`lora_scale_0`", "`lora_scale_0.5`", "`lora_scale_1`"]
+    assert [row["forgetting set accuracy"] for row in rows] == ["-", "-", "-", "-", "0.6000", "0.5500", "0.4000"]
+    assert [row["time (s)"] for row in rows] == ["4.0", "0.5", "1.5", "3.0", "3.1", "3.2", "3.3"]
+    assert "1 per class (10 images, C=0.1)" in rows[1]["what"] and "scaled by 0.5" in rows[5]["what"]
+    assert "![few-shot probes vs zero-shot](clip/few_shot.png)" in text and "(clip/interpolation.png)" in text
+    comparison = table(text, "## Comparison across exercises")
+    assert [row["approach"] for row in comparison] == ["CLIP zero-shot", "CLIP linear probe (frozen image features)",
+                                                       "CLIP + LoRA"]
+    exercise_3 = table(text, "## exercise_3")
+    probe_row = next(row for row in exercise_3 if row["stage"] == "linear_probe_all")
+    assert probe_row["trainable / total params"] == "0 / 1,000,000"       # frozen: the model as loaded
