@@ -1,7 +1,7 @@
 # make demo      set up .venv and run exercise 1 offline (packaged MiniLM + shared Rotten Tomatoes)
 # make test      set up .venv and run the fast tests
 # make test-all  everything, including the slow real-data runs (what CI runs)
-# make demo-2    exercise 2 offline (MiniLM fine-tuned on Rotten Tomatoes, 3 epochs; ~10 min on 2 idle CPU cores)
+# make demo-2    exercise 2 offline (MiniLM fine-tuned on Rotten Tomatoes, 3 epochs; about 9 minutes on 2 idle CPU cores)
 # make demo-3    exercise 3 offline (a small random-weight CLIP on TinyImageNet; about a minute)
 # make gpu-check each exercise's GPU work on its default architecture (random weights): precision, input vs model
 #                rate, peak memory, whether the model waited on input; says so and exits 0 without a GPU
