@@ -72,10 +72,11 @@ def kept_entries(cache_dir: Path, keys: list[dict], name: str = "features") -> s
 
 
 def cached_array(cache_dir: Path, key: dict, compute, name: str = "features", rows: int | None = None,
-                 dtype=None) -> tuple[np.ndarray, bool]:
+                 dtype=None, write: bool = True) -> tuple[np.ndarray, bool]:
     """Return (array, from_cache). The array is stored as safetensors under a hash of `key`. An entry that
     cannot be used (damaged file, another key, not `rows` rows or not of `dtype`) is removed with a warning
-    and computed again."""
+    and computed again. `write=False` (a process other than the main one under torchrun, which computes the
+    same array) only reads: the main process writes the entry, once."""
     from safetensors.numpy import save
 
     key_text = json.dumps(key, sort_keys=True)
@@ -84,13 +85,15 @@ def cached_array(cache_dir: Path, key: dict, compute, name: str = "features", ro
         array, problem = _read_entry(path, key_text, name, rows, dtype)
         if problem is None:
             return array, True
+        if not write:
+            return compute(), False
         if path.is_dir():   # a folder in the entry's place: the atomic rename onto it would fail too
             shutil.rmtree(path, ignore_errors=True)
         path.unlink(missing_ok=True)
         print(f"warning: cache file {path} is unusable ({problem}); removed it, computing {name} again",
               file=sys.stderr)
     array = compute()
-    if path.parent in _UNWRITABLE:
+    if path.parent in _UNWRITABLE or not write:
         return array, False
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

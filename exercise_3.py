@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None, callbacks=()):
             plain_train = splits["train"].with_transform(clip.ImageTransform(image_processor, config["bad_images"]))
             features = {split: probe.cached_image_features(
                 run_dir.parent / "cache", config["model_name"], model, splits[split], data, collator, split, config,
-                precision, workers, config["cache_features"])
+                precision, workers, config["cache_features"], write=main_process)
                 for split, data in (("train", plain_train), ("validation", evaluation))}
             found, probes, fit_seconds = probe.probe_stages(
                 features["train"], np.asarray(splits["train"]["label"]), features["validation"],

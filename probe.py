@@ -160,9 +160,9 @@ def top_classes(probe, features: np.ndarray, num_classes: int, k: int = 5) -> tu
 
 
 def cached_image_features(cache_dir, model_name: str, model, raw_split, transformed, collator, split: str, config: dict,
-                          precision: str, workers: int, use_cache: bool = True) -> np.ndarray:
+                          precision: str, workers: int, use_cache: bool = True, write: bool = True) -> np.ndarray:
     """image_features of one split, cached on disk (cache.py) under everything that changes them: the model's
-    files, the images, the layer and the precision."""
+    files, the images, the layer and the precision; only a process with `write` (the main one) writes the entry."""
     import cache
     import images
 
@@ -173,7 +173,7 @@ def cached_image_features(cache_dir, model_name: str, model, raw_split, transfor
     key = {"model": cache.model_fingerprint(model_name), "split": split, "layer": config["probe_features"],
            "images": cache.texts_fingerprint([images.image_id(item) for item in raw_split["image"]]),
            "precision": precision, "kind": "clip image features"}
-    features, hit = cache.cached_array(cache_dir, key, compute, rows=len(raw_split), dtype=np.float32)
+    features, hit = cache.cached_array(cache_dir, key, compute, rows=len(raw_split), dtype=np.float32, write=write)
     if hit:
         print(f"probe features {split}: reused cached features {features.shape}")
     return features

@@ -271,6 +271,7 @@ def test_exercise_3_on_two_hosts_matches_one_host(hosts, shared_output, tiny_cli
     commands = torchrun_commands(hosts, "exercise_3.py", test_exercise_3.tiny_args(
         tiny_clip_dir, tiny_imagenet_dir, output_dir, save_steps=2), rdzv_id=f"clip-{os.getpid()}")
     run_on_two_hosts(hosts, commands, tmp_path, timeout=300)
-    (run_dir,) = output_dir.iterdir()
+    (run_dir,) = (path for path in output_dir.iterdir() if path.name != "cache")   # the probe's features beside it
     assert list(output_dir.rglob("results.json")) == [run_dir / "results.json"]
     check_same_run(run_dir, one_host, "checkpoints", watch.stop(), hosts)
+    assert len(list((output_dir / "cache").glob("features-*.safetensors"))) == 2     # train and validation, once
