@@ -88,24 +88,23 @@ def sweep_problem(sweep) -> str | None:
     return None
 
 
+def readable(folder: Path, name: str, problem):
+    """(path, contents) of every file `name` below `folder` that reads whole (read_json warns about the others)."""
+    for path in sorted(Path(folder).rglob(name)):
+        contents = read_json(path, problem)
+        if contents is not None:
+            yield path, contents
+
+
 def load_runs(folder: Path) -> list[dict]:
     """Every readable results.json below `folder`, each with `run` (its folder relative to `folder`)."""
-    runs = []
-    for path in sorted(Path(folder).rglob(RESULTS_FILE)):
-        results = read_json(path, results_problem)
-        if results is not None:
-            run = path.parent.relative_to(folder).as_posix()
-            runs.append({**results, "run": run if run != "." else path.parent.name, "path": str(path)})
-    return runs
+    return [{**results, "run": path.parent.relative_to(folder).as_posix() if path.parent != Path(folder) else
+             path.parent.name, "path": str(path)} for path, results in readable(folder, RESULTS_FILE, results_problem)]
 
 
 def load_sweeps(folder: Path) -> list[dict]:
-    sweeps = []
-    for path in sorted(Path(folder).rglob(SWEEP_FILE)):
-        sweep = read_json(path, sweep_problem)
-        if sweep is not None:
-            sweeps.append({**sweep, "name": path.parent.name, "folder": path.parent})
-    return sweeps
+    return [{**sweep, "name": path.parent.name, "folder": path.parent}
+            for path, sweep in readable(folder, SWEEP_FILE, sweep_problem)]
 
 
 def validation_accuracy(results: dict, stage: str) -> float | None:
