@@ -239,6 +239,16 @@ def zero_shot_metrics(labels, top_k, label_names: list[str]) -> tuple[dict, np.n
     return metrics, matrix, recall, evaluate.most_confused_pairs(matrix, label_names, top=10)
 
 
+def share_loader(dataset, collator, batch_size: int, num_workers: int, device_type: str, generator=None):
+    """(this process's share of the rows, a DataLoader over it in row order): how every evaluation outside the
+    Trainer reads its images, each process its share under torchrun (training.process_share)."""
+    from torch.utils.data import DataLoader, Subset
+
+    share = training.process_share(len(dataset))
+    return share, DataLoader(Subset(dataset, share), batch_size=batch_size, shuffle=False, collate_fn=collator,
+                             num_workers=num_workers, pin_memory=devices.pin_memory(device_type), generator=generator)
+
+
 def evaluate_zero_shot(model, classifier: torch.Tensor, class_names: list[str], dataset, collator, batch_size: int = 64,
                        num_workers: int = 0, desc: str = "zero-shot", top_k: int = 5,
                        split: str = "validation", precision: str = "no") -> ZeroShotResult:
@@ -248,12 +258,9 @@ def evaluate_zero_shot(model, classifier: torch.Tensor, class_names: list[str], 
     Under torchrun each process scores its share of the images and every process gets the whole result.
     A batch with no readable image is skipped (its images counted); a `split` with none at all is a LabError."""
     from accelerate.utils import gather_object
-    from torch.utils.data import DataLoader, Subset
     from tqdm.auto import tqdm
 
-    share = training.process_share(len(dataset))
-    loader = DataLoader(Subset(dataset, share), batch_size=batch_size, shuffle=False, collate_fn=collator,
-                        num_workers=num_workers, pin_memory=devices.pin_memory(classifier.device.type))
+    share, loader = share_loader(dataset, collator, batch_size, num_workers, classifier.device.type)
     k = min(top_k, len(classifier))
     # each list starts with an empty array so that a share with no readable image still concatenates
     labels, rows, skipped = [np.empty(0, np.int64)], [np.empty(0, np.int64)], []

@@ -152,12 +152,17 @@ def main(argv: list[str] | None = None, callbacks=()):
     model.to(distributed.device)
     base_parameters = LoRA.count_parameters(model)[1]
     run_dir, loggers = training.start_trainer_run(config, distributed, "exercise_3")
-    evaluation = splits["validation"].with_transform(clip.ImageTransform(image_processor, config["bad_images"]))
+    plain = clip.ImageTransform(image_processor, config["bad_images"])    # every image that is scored, not trained on
+    evaluation = splits["validation"].with_transform(plain)
     train_transform = clip.ImageTransform(image_processor, config["bad_images"],
                                           augment_seed=config["seed"] if config["augment"] else None)
     train_data = splits["train"].with_transform(train_transform)
     collator = clip.ImageTextCollator(tokenizer, names, config["train_template"], clip.text_max_length(model))
     templates = clip.TEMPLATES[config["prompts"]]
+    if config["forgetting_dataset"]:
+        other_data = other.with_transform(plain)
+        other_collator = clip.ImageTextCollator(tokenizer, other_names, config["train_template"],
+                                                clip.text_max_length(model))
 
     # 4. the `zero_shot` stage: the class text features (the zero-shot head) encoded once, then every
     #    validation image scored against them
@@ -178,7 +183,7 @@ def main(argv: list[str] | None = None, callbacks=()):
     probes = {}
     if config["linear_probe"]:
         with utils.timed(timing, "linear_probe"), faults.stage("the linear probe", kept):
-            plain_train = splits["train"].with_transform(clip.ImageTransform(image_processor, config["bad_images"]))
+            plain_train = splits["train"].with_transform(plain)
             features = {split: probe.cached_image_features(
                 run_dir.parent / "cache", config["model_name"], model, splits[split], data, collator, split, config,
                 precision, workers, config["cache_features"], write=main_process)
@@ -245,10 +250,8 @@ def main(argv: list[str] | None = None, callbacks=()):
             if config["forgetting_dataset"]:
                 head = clip.build_zero_shot_classifier(model, tokenizer, other_names, templates, precision=precision)
                 forgetting[stage] = clip.evaluate_zero_shot(
-                    model, head, other_names, other.with_transform(clip.ImageTransform(image_processor, config["bad_images"])),
-                    clip.ImageTextCollator(tokenizer, other_names, config["train_template"], clip.text_max_length(model)),
-                    config["eval_batch_size"], workers, desc=f"{stage} (forgetting set)", split="forgetting",
-                    precision=precision)
+                    model, head, other_names, other_data, other_collator, config["eval_batch_size"], workers,
+                    desc=f"{stage} (forgetting set)", split="forgetting", precision=precision)
     timing["total"] = round(time.perf_counter() - start, 3)
     if not main_process:
         return run_dir

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 
 import clip
 import devices
-import training
 from utils import LabError
 
 FEATURES = ("pre_projection", "embedding")
@@ -45,15 +44,12 @@ def image_features(model, dataset, collator, batch_size: int, num_workers: int =
     """(rows, dim) features of every row of a transformed image dataset, a row of NaN for an unreadable image.
     Under torchrun each process computes its share of the rows and every process gets them all, in row order."""
     from accelerate.utils import gather_object
-    from torch.utils.data import DataLoader, Subset
     from tqdm.auto import tqdm
 
-    share = training.process_share(len(dataset))
     # its own generator: a loader draws its workers' seeds from the global RNG, and a run whose features come from
     # the cache would then train from another random state than one that computed them
-    loader = DataLoader(Subset(dataset, share), batch_size=batch_size, shuffle=False, collate_fn=collator,
-                        num_workers=num_workers, pin_memory=devices.pin_memory(next(model.parameters()).device.type),
-                        generator=torch.Generator())
+    _, loader = clip.share_loader(dataset, collator, batch_size, num_workers, next(model.parameters()).device.type,
+                                  generator=torch.Generator())
     parts = [np.empty((0, feature_width(model, layer)), np.float32)]
     with torch.inference_mode(), clip.eval_mode(model):
         for batch in tqdm(loader, desc=desc, unit="batch"):
@@ -125,8 +121,9 @@ def fit_probe(features: np.ndarray, labels: np.ndarray, rows: np.ndarray, choose
     from sklearn.exceptions import ConvergenceWarning
     from threadpoolctl import threadpool_limits
 
-    if len(np.unique(labels[rows])) < 2:
-        raise LabError(f"the linear probe needs train images of at least 2 classes, found {len(np.unique(labels[rows]))}")
+    classes = len(np.unique(labels[rows]))
+    if classes < 2:
+        raise LabError(f"the linear probe needs train images of at least 2 classes, found {classes}")
     if not len(choose_rows) and len(grid) > 1:      # nothing carved to choose on: the C nearest scikit-learn's default
         grid = [min(grid, key=lambda C: abs(np.log(C)))]
         print(f"note: no class has 2 train images to carve from, so the probe cannot choose C; using C={grid[0]:g}")
@@ -134,7 +131,7 @@ def fit_probe(features: np.ndarray, labels: np.ndarray, rows: np.ndarray, choose
     probe, scores, best = make_probe(grid[0], max_iter, seed), {}, None
     # a product this small is done before BLAS's threads are handed their shares, and they spin while they wait:
     # on busy cores that costs far more than the work itself
-    small = len(rows) * features.shape[1] * len(np.unique(labels[rows])) < SMALL_FIT
+    small = len(rows) * features.shape[1] * classes < SMALL_FIT
     for C in grid:
         probe.set_params(logisticregression__C=C)
         with warnings.catch_warnings(), threadpool_limits(1 if small else None, user_api="blas"):

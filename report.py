@@ -37,7 +37,6 @@ APPROACHES = {
 }
 # Stages whose scores come from a model in which no transformer weight was trained.
 FROZEN_STAGES = ("svc", "logreg", "pretrained", "zero_shot")
-frozen_stage = lambda stage: stage in FROZEN_STAGES or stage.startswith("linear_probe_")   # exercise 3's probes too
 # Config keys that say where and how a run is logged, not what it computes: never a difference worth showing.
 BOOKKEEPING_KEYS = ("output_dir", "run_name", "overwrite", "resume", "wandb_mode", "wandb_project", "tensorboard")
 # The stages a run is judged by, the best on validation counting (otherwise its last stage).
@@ -134,6 +133,11 @@ def approach(run: dict, stage: str) -> tuple[str, str | None]:
     if run.get("exercise") == "exercise_2" and stage == "fine_tuned" and lora.get("enabled"):
         label = "LoRA fine-tuning"
     return label, baseline
+
+
+def frozen_stage(stage: str) -> bool:
+    """Whether no transformer weight was trained behind a stage's scores (exercise 3's linear probes too)."""
+    return stage in FROZEN_STAGES or stage.startswith("linear_probe_")
 
 
 def parameter_counts(run: dict, stage: str) -> tuple[int | None, int | None]:
