@@ -184,10 +184,10 @@ def main(argv: list[str] | None = None, callbacks=()):
     if config["linear_probe"]:
         with utils.timed(timing, "linear_probe"), faults.stage("the linear probe", kept):
             plain_train = splits["train"].with_transform(plain)
-            features = {split: probe.cached_image_features(
-                run_dir.parent / "cache", config["model_name"], model, splits[split], data, collator, split, config,
-                precision, workers, config["cache_features"], write=main_process)
-                for split, data in (("train", plain_train), ("validation", evaluation))}
+            features = probe.cached_image_features(
+                run_dir.parent / "cache", config["model_name"], model,
+                {"train": (splits["train"], plain_train), "validation": (splits["validation"], evaluation)}, collator,
+                config, precision, workers, config["cache_features"], write=main_process)
             found, probes, fit_seconds = probe.probe_stages(
                 features["train"], np.asarray(splits["train"]["label"]), features["validation"],
                 np.asarray(splits["validation"]["label"]), names, config)

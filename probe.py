@@ -156,23 +156,28 @@ def top_classes(probe, features: np.ndarray, num_classes: int, k: int = 5) -> tu
     return top, best.astype(np.float32)
 
 
-def cached_image_features(cache_dir, model_name: str, model, raw_split, transformed, collator, split: str, config: dict,
-                          precision: str, workers: int, use_cache: bool = True, write: bool = True) -> np.ndarray:
-    """image_features of one split, cached on disk (cache.py) under everything that changes them: the model's
-    files, the images, the layer and the precision; only a process with `write` (the main one) writes the entry."""
+def cached_image_features(cache_dir, model_name: str, model, splits: dict, collator, config: dict, precision: str,
+                          workers: int, use_cache: bool = True, write: bool = True) -> dict:
+    """image_features of each split ({name: (raw split, transformed split)}), cached on disk (cache.py) under
+    everything that changes them: the model's files, the images, the layer and the precision; only a process
+    with `write` (the main one) writes the entries."""
     import cache
     import images
 
-    compute = lambda: image_features(model, transformed, collator, config["eval_batch_size"], workers,
-                                     config["probe_features"], precision, desc=f"probe features ({split})")
-    if not use_cache:
-        return compute()
-    key = {"model": cache.model_fingerprint(model_name), "split": split, "layer": config["probe_features"],
-           "images": cache.texts_fingerprint([images.image_id(item) for item in raw_split["image"]]),
-           "precision": precision, "kind": "clip image features"}
-    features, hit = cache.cached_array(cache_dir, key, compute, rows=len(raw_split), dtype=np.float32, write=write)
-    if hit:
-        print(f"probe features {split}: reused cached features {features.shape}")
+    model_key = cache.model_fingerprint(model_name) if use_cache else None
+    features = {}
+    for split, (raw, transformed) in splits.items():
+        compute = lambda: image_features(model, transformed, collator, config["eval_batch_size"], workers,
+                                         config["probe_features"], precision, desc=f"probe features ({split})")
+        if not use_cache:
+            features[split] = compute()
+            continue
+        key = {"model": model_key, "split": split, "layer": config["probe_features"],
+               "images": cache.texts_fingerprint([images.image_id(item) for item in raw["image"]]),
+               "precision": precision, "kind": "clip image features"}
+        features[split], hit = cache.cached_array(cache_dir, key, compute, rows=len(raw), dtype=np.float32, write=write)
+        if hit:
+            print(f"probe features {split}: reused cached features {features[split].shape}")
     return features
 
 
