@@ -72,7 +72,8 @@ class ImageTransform:
     An unreadable image (corrupt, truncated, not an image) gets `pixel_values=None` and is dropped
     by the collator, which reports it; with `on_bad_image="fail"` it raises a LabError instead.
     With `augment_seed` (training), each image is flipped and cropped at random, drawn from
-    (seed, epoch, image) alone: no hidden RNG state, so a resumed run sees the same crops.
+    (seed, epoch, the image's pixels) alone: no hidden RNG state, so a resumed run sees the same crops,
+    and not the file's path, so the same images anywhere on any machine do too.
     """
 
     def __init__(self, image_processor, on_bad_image: str = "skip", augment_seed: int | None = None):
@@ -99,7 +100,7 @@ class ImageTransform:
                     print(f"warning: skipping unreadable image {ids[-1]}: {error}", file=sys.stderr)
                 image = None
             if image is not None and self.augment_seed is not None:
-                image = random_augment(image, random.Random(f"{self.augment_seed}:{self.epoch}:{ids[-1]}"))
+                image = random_augment(image, random.Random(f"{self.augment_seed}:{self.epoch}:{images.pixel_digest(image)}"))
             pictures.append(image)
         readable = [image for image in pictures if image is not None]
         processed = iter((pixels.pixel_values(readable, self.batched) if self.batched else

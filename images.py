@@ -390,6 +390,11 @@ def open_rgb(item):
         return to_rgb(image)
 
 
+def pixel_digest(image) -> str:
+    """A digest of a decoded image's size and pixels: the same wherever its file lies."""
+    return hashlib.blake2b(f"{image.size}".encode() + image.tobytes(), digest_size=8).hexdigest()
+
+
 def image_id(item) -> str:
     """A name for an image: its path, or a digest of its bytes when it has none."""
     if isinstance(item, dict):

@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -230,6 +231,25 @@ def test_training_crops_depend_only_on_seed_epoch_and_image(tiny_imagenet_dir, t
     assert not torch.equal(torch.stack([row["pixel_values"] for row in batch_of(lazy, range(4))]), first)
     plain = splits.with_transform(clip.ImageTransform(tiny_clip[2]))
     assert not torch.equal(torch.stack([row["pixel_values"] for row in batch_of(plain, range(4))]), first)
+
+
+def test_training_crops_do_not_depend_on_where_the_dataset_lies(tmp_path, tiny_imagenet_dir, tiny_clip):
+    # the same release in another folder (another machine, a CI checkout) trains on the same crops
+    moved = tmp_path / "elsewhere" / "tiny"
+    (moved / "train").mkdir(parents=True)
+    for name in ("wnids.txt", "val"):
+        (moved / name).symlink_to(tiny_imagenet_dir / name)
+    wnids = (tiny_imagenet_dir / "wnids.txt").read_text().split()
+    for wnid in wnids[:2]:                              # the two classes used are copied, the rest linked
+        shutil.copytree(tiny_imagenet_dir / "train" / wnid, moved / "train" / wnid)
+    for wnid in wnids[2:]:
+        (moved / "train" / wnid).symlink_to(tiny_imagenet_dir / "train" / wnid)
+    crops = []
+    for folder in (tiny_imagenet_dir, moved):
+        train = images.load_image_dataset(str(folder), max_classes=2, max_train_samples=6)["train"]
+        lazy = train.with_transform(clip.ImageTransform(tiny_clip[2], augment_seed=0))
+        crops.append(torch.stack([row["pixel_values"] for row in batch_of(lazy, range(6))]))
+    assert torch.equal(crops[0], crops[1])
 
 
 def test_image_modes_converted_and_bad_files_skipped_or_fatal(tmp_path, tiny_clip):
