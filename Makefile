@@ -48,7 +48,8 @@ test-all: setup
 #                one round, ~2 min), zeroshot, eval_memory, zeroshot_pipeline on the tiny CLIP, then zeroshot
 #                (128 images, ~4 min on 2 cores) and zeroshot_pipeline (128 images against the pipeline, 32 against
 #                the forward pass, ~6 min) with ViT-B/16's architecture, transform (batched vs per-image CLIP
-#                preprocessing at 224 px, the lazy pipeline, ~1.5 min), scaling (each exercise's stages at 2-3 data
+#                preprocessing at 224 px, the lazy pipeline, ~1.5 min), probe (exercise 3's probe stages at 10,000 and
+#                100,000 train rows of synthetic features, ~1 min), scaling (each exercise's stages at 2-3 data
 #                sizes: growth exponents, a 100,000-row CSV, a 1 MB text; ~5 min, a first run ~4 min more to cache
 #                exercise 1's features); ends with one table of every ratio against its goal (python -m bench.table);
 #                exits non-zero if a bench crashed.
@@ -58,7 +59,7 @@ bench: setup
 	@mkdir -p $(RESULTS) && rm -f $(RESULTS)/*.log
 	@status=0; for run in "features --profile" finetune int8 zeroshot eval_memory "zeroshot_pipeline --floor-images 2000" \
 			"zeroshot --architecture vit-b-16 --images 128 --repeats 1" \
-			"zeroshot_pipeline --architecture vit-b-16 --images 128 --floor-images 32 --repeats 1" transform scaling; do \
+			"zeroshot_pipeline --architecture vit-b-16 --images 128 --floor-images 32 --repeats 1" transform probe scaling; do \
 		set -- $$run; name=$$1; shift; \
 		$(BIN)/python -m bench.$$name "$$@" --results-file $(RESULTS)/$$name.jsonl $(ARGS) 2>>$(RESULTS)/$$name.log \
 			|| { echo "bench.$$name $$* failed: see $(RESULTS)/$$name.log"; status=1; }; \

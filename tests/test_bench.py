@@ -131,6 +131,15 @@ def test_zeroshot_pipeline_smoke(tiny_imagenet_dir, clip_tokenizer_dir):
     assert result["ratios"] == ["pipeline_speedup", "pipeline_speedup_whole_split", "end_to_end_over_forward"] and result["targets"] == {} and result["met"] is None
 
 
+def test_probe_smoke():
+    result = run_bench("probe.py")
+    assert result["full"]["train_rows"] == 10 * result["small"]["train_rows"]
+    assert set(result["full"]["accuracy"]) == {"linear_probe_1shot", "linear_probe_2shot", "linear_probe_4shot",
+                                               "linear_probe_8shot", "linear_probe_16shot", "linear_probe_all"}
+    assert result["full"]["accuracy"]["linear_probe_all"] > 0.15       # chance is 0.10: the probes learned
+    assert result["seconds_per_row_growth"] > 0
+
+
 def test_transform_smoke(tiny_imagenet_dir):
     result = run_bench("transform.py", "--dataset", str(tiny_imagenet_dir))
     assert result["within_tolerance"] is True and result["max_abs_difference"] <= result["tolerance"]["max_abs"]
