@@ -83,3 +83,11 @@ def loader_workers(setting, device: str) -> int:
 def pin_memory(device: str) -> bool:
     """Page-locked host batches copy to a GPU asynchronously; on a CPU they only cost memory."""
     return device == "cuda"
+
+
+def to_device(batch, device: str) -> dict:
+    """Each tensor of `batch` (a dict, or a tokenizer's BatchEncoding) on `device`: on CUDA from page-locked memory
+    and without waiting for the copy (pin_memory), elsewhere as it is."""
+    if pin_memory(device):
+        return {key: value.pin_memory().to(device, non_blocking=True) for key, value in batch.items()}
+    return {key: value.to(device) for key, value in batch.items()}

@@ -187,8 +187,9 @@ def embed_texts(model, tokenizer, texts: list[str], pooling: str = "cls", max_le
     for start in range(0, len(texts), batch_size):
         # 1. tokenize: token ids cut at max_length and padded (after the text, so [CLS] stays first) to the
         #    batch's longest text, with an attention mask marking the real tokens
-        batch = tokenizer(list(texts[start:start + batch_size]), truncation=True, max_length=max_length,
-                          padding=True, padding_side="right", return_tensors="pt").to(device)
+        batch = devices.to_device(tokenizer(list(texts[start:start + batch_size]), truncation=True,
+                                            max_length=max_length, padding=True, padding_side="right",
+                                            return_tensors="pt"), device)
         # 2. forward: the encoder's last hidden states, one vector per token: (batch, tokens, dim)
         with torch.inference_mode(), devices.autocast(device, precision):
             hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state

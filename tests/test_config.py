@@ -131,6 +131,16 @@ def test_loader_workers_and_pinned_memory(monkeypatch):
     assert devices.pin_memory("cuda") and not devices.pin_memory("cpu")
 
 
+def test_batches_reach_a_gpu_through_pinned_memory():
+    import torch
+
+    batch = {"input_ids": torch.ones(2, 3, dtype=torch.long)}
+    assert not devices.to_device(batch, "cpu")["input_ids"].is_pinned()
+    if not torch.cuda.is_available():       # the CUDA path is torch's own pin_memory, which needs an accelerator
+        with pytest.raises(RuntimeError, match="accelerator"):
+            devices.to_device(batch, "cuda")
+
+
 @pytest.mark.parametrize("script", ["exercise_1.py", "exercise_2.py", "exercise_3.py"])
 def test_help_describes_every_key_from_the_comment_beside_it(script):
     """--help prints each key with its default and what it does: the comment beside it in CONFIG."""

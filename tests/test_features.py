@@ -76,6 +76,18 @@ def test_the_fast_path_gives_the_plain_loops_features(tiny_distilbert, rt_dir, p
     np.testing.assert_allclose(left, plain, atol=1e-5, rtol=1e-5)
 
 
+def test_the_token_batches_reach_a_gpu_through_pinned_memory(tiny_distilbert):
+    """On CUDA each tokenized batch is copied from page-locked memory (devices.to_device). Without a GPU, torch's
+    own pin_memory refuses, which shows the path goes through it."""
+    from transformers import AutoModel, AutoTokenizer
+
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU the copy succeeds; tools/gpu_check.py runs the extraction there")
+    model, tokenizer = AutoModel.from_pretrained(tiny_distilbert).eval(), AutoTokenizer.from_pretrained(tiny_distilbert)
+    with pytest.raises(RuntimeError, match="accelerator"):
+        exercise_1.embed_texts(model, tokenizer, ["a fine film"], device="cuda")
+
+
 def test_a_tokenizer_without_a_pad_token_pads_with_its_end_token(tiny_distilbert, tmp_path):
     """GPT-style tokenizers have no pad token: load_encoder pads with the end-of-text token, which the attention
     mask hides, so the features are those of the same model padding with [PAD]."""
