@@ -181,21 +181,26 @@ def embed_texts(model, tokenizer, texts: list[str], pooling: str = "cls", max_le
                 device: str = "cpu", precision: str = "no") -> np.ndarray:
     """The lesson: one vector per text from a frozen encoder, (n, dim) float32 in the order of `texts`
     (max_length within the model's limit; the encoder runs in `precision`, see devices.precision)."""
-    import torch
-
     vectors = []
     for start in range(0, len(texts), batch_size):
         # 1. tokenize: token ids cut at max_length and padded (after the text, so [CLS] stays first) to the
         #    batch's longest text, with an attention mask marking the real tokens
-        batch = devices.to_device(tokenizer(list(texts[start:start + batch_size]), truncation=True,
-                                            max_length=max_length, padding=True, padding_side="right",
-                                            return_tensors="pt"), device)
-        # 2. forward: the encoder's last hidden states, one vector per token: (batch, tokens, dim)
-        with torch.inference_mode(), devices.autocast(device, precision):
-            hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        # 3. pool: one vector per text, the first token's or the mean over the real tokens
-        vectors.append(pool(hidden.float(), batch["attention_mask"], pooling).cpu().numpy())
+        batch = tokenizer(list(texts[start:start + batch_size]), truncation=True, max_length=max_length,
+                          padding=True, padding_side="right", return_tensors="pt")
+        vectors.append(embed_batch(model, batch, pooling, device, precision))
     return np.concatenate(vectors)
+
+
+def embed_batch(model, batch, pooling: str, device: str, precision: str) -> np.ndarray:
+    """Steps 2 and 3 of embed_texts, for one tokenized batch: (batch, dim) float32."""
+    import torch
+
+    batch = devices.to_device(batch, device)
+    # 2. forward: the encoder's last hidden states, one vector per token: (batch, tokens, dim)
+    with torch.inference_mode(), devices.autocast(device, precision):
+        hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    # 3. pool: one vector per text, the first token's or the mean over the real tokens
+    return pool(hidden.float(), batch["attention_mask"], pooling).cpu().numpy()
 
 
 def pool(hidden, attention_mask, pooling: str):
@@ -244,7 +249,7 @@ def length_batches(lengths: list[int], batch_size: int, max_tokens: int | None =
 def extract_features(model, tokenizer, texts: list[str], pooling: str = "cls", max_length: int = 128,
                      batch_size: int = 64, device: str = "cpu", desc: str = "features",
                      precision: str = "no") -> np.ndarray:
-    """embed_texts's features (the same to float rounding) for many texts, faster: embed_texts runs on batches of
+    """embed_texts's features (the same to float rounding) for many texts, faster: embed_batch runs on batches of
     texts of similar length (sorted, longest first so an out-of-memory shows at once), so padding costs almost
     nothing. On CPU, batches also hold at most CPU_BATCH_TOKENS tokens and run in parallel on one worker thread
     per torch thread, each batch single-threaded: one batch's small matmuls and elementwise ops split poorly
@@ -255,11 +260,17 @@ def extract_features(model, tokenizer, texts: list[str], pooling: str = "cls", m
     import torch
     from tqdm.auto import tqdm
 
-    lengths = [len(ids) for ids in tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]]
-    batches = length_batches(lengths, batch_size, CPU_BATCH_TOKENS if device == "cpu" else None)
+    # tokenized once, unpadded: the lengths sort the texts into batches, and each batch is padded from these ids
+    encoded = tokenizer(list(texts), truncation=True, max_length=max_length)
+    batches = length_batches([len(ids) for ids in encoded["input_ids"]], batch_size,
+                             CPU_BATCH_TOKENS if device == "cpu" else None)
     model.eval().to(device)
-    embed = lambda rows: (rows, embed_texts(model, tokenizer, [texts[i] for i in rows], pooling, max_length,
-                                            len(rows), device, precision))
+
+    def embed(rows):
+        batch = tokenizer.pad({key: [encoded[key][i] for i in rows] for key in ("input_ids", "attention_mask")},
+                              padding=True, padding_side="right", return_tensors="pt")     # as embed_texts pads
+        return rows, embed_batch(model, batch, pooling, device, precision)
+
     threads = torch.get_num_threads()
     workers = min(threads, len(batches)) if device == "cpu" else 1
     features = None
